@@ -1,0 +1,453 @@
+"""The pure-Python engine: the readable reference for `ext/_cengine.pyx`, and its fallback.
+
+The engine owns the chunk pool (one data file, addressed by slot) and every map. A map is
+resolved (it names every chunk visible in its snapshot, own and inherited) and split into
+pages of `page_entries` slot numbers. Pages are shared between maps and refcounted; a
+write into a shared page copies the page first. Slot refcounts count (page, entry)
+references, so they are derived state, rebuilt by `finish_load`.
+
+Both engines have this exact interface and read and write the same bytes: page entries
+are little-endian uint32 slots, a map directory is little-endian uint64 page ids (0 = no
+page: every entry unallocated). Policy (names, kinds, SQLite, errors) lives in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from array import array
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from .errors import Corruption, NoSpace
+
+MAX_SLOT = 0xFFFFFFFF
+
+
+class Changes(NamedTuple):
+    """What changed since the last `take_changes`: to be made durable, then `release`d."""
+
+    pages: list[tuple[int, bytes]]
+    dead_pages: list[int]
+    maps: list[tuple[int, bytes]]
+    freed: list[int]
+
+
+def _le(a: array) -> bytes:
+    if sys.byteorder == "little":
+        return a.tobytes()
+    b = array(a.typecode, a)
+    b.byteswap()
+    return b.tobytes()
+
+
+def _from_le(typecode: str, blob: bytes) -> array:
+    a = array(typecode)
+    a.frombytes(blob)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+class _Page:
+    __slots__ = ("id", "refs", "entries")
+
+    def __init__(self, page_id: int, entries: array) -> None:
+        self.id = page_id
+        self.refs = 0
+        self.entries = entries
+
+
+class _Map:
+    __slots__ = ("id", "nchunks", "pages")
+
+    def __init__(self, map_id: int, nchunks: int, pages: list[_Page | None]) -> None:
+        self.id = map_id
+        self.nchunks = nchunks
+        self.pages = pages
+
+
+class Engine:
+    """Chunk pool and maps of one store. Thread-safe: one lock guards everything."""
+
+    def __init__(self, fd: int, chunk_size: int, page_entries: int) -> None:
+        if chunk_size <= 0 or chunk_size & (chunk_size - 1):
+            raise ValueError("chunk_size must be a power of two")
+        if page_entries <= 0:
+            raise ValueError("page_entries must be positive")
+        self._fd = fd
+        self._cs = chunk_size
+        self._pe = page_entries
+        self._zeros = bytes(chunk_size)
+        self._lock = threading.RLock()
+        self._maps: dict[int, _Map] = {}
+        self._loaded: dict[int, _Page] = {}
+        self._refs = array("I", [0])
+        self._nslots = 0
+        self._max_slots = MAX_SLOT
+        self._free: list[int] = []
+        self._pending: list[int] = []
+        self._next_page_id = 1
+        self._dirty_pages: dict[int, _Page] = {}
+        self._dirty_maps: set[int] = set()
+        self._dead_pages: list[int] = []
+
+    @property
+    def chunk_size(self) -> int:
+        return self._cs
+
+    @property
+    def page_entries(self) -> int:
+        return self._pe
+
+    # -- loading -------------------------------------------------------------
+
+    def load_page(self, page_id: int, entries: bytes) -> None:
+        """Register a stored page; only valid before `finish_load`."""
+        if len(entries) != 4 * self._pe:
+            raise ValueError(f"page {page_id} has {len(entries)} bytes, expected {4 * self._pe}")
+        if page_id <= 0 or page_id in self._loaded:
+            raise ValueError(f"page id {page_id} is invalid or repeated")
+        self._loaded[page_id] = _Page(page_id, _from_le("I", entries))
+        self._next_page_id = max(self._next_page_id, page_id + 1)
+
+    def load_map(self, map_id: int, nchunks: int, directory: bytes) -> None:
+        """Register a stored map whose pages were loaded with `load_page`."""
+        ids = _from_le("Q", directory)
+        if len(ids) != self._npages(nchunks):
+            raise ValueError(f"map {map_id} directory has {len(ids)} pages, expected {self._npages(nchunks)}")
+        if map_id in self._maps:
+            raise ValueError(f"map {map_id} is loaded twice")
+        pages: list[_Page | None] = []
+        for page_id in ids:
+            if page_id == 0:
+                pages.append(None)
+                continue
+            page = self._loaded.get(page_id)
+            if page is None:
+                raise ValueError(f"map {map_id} names page {page_id}, which does not exist")
+            page.refs += 1
+            pages.append(page)
+        self._maps[map_id] = _Map(map_id, nchunks, pages)
+
+    def finish_load(self, nslots: int) -> None:
+        """Derive slot refcounts from the loaded pages; unreferenced pages become dead."""
+        if nslots > self._max_slots:
+            raise ValueError(f"pool of {nslots} slots exceeds the limit")
+        refs = array("I", bytes(4 * (nslots + 1)))
+        for page in self._loaded.values():
+            if page.refs == 0:
+                self._dead_pages.append(page.id)
+                continue
+            for slot in page.entries:
+                if slot:
+                    if slot > nslots:
+                        raise ValueError(f"page {page.id} names slot {slot}, beyond the pool of {nslots}")
+                    refs[slot] += 1
+        self._refs = refs
+        self._nslots = nslots
+        self._free = [s for s in range(nslots, 0, -1) if refs[s] == 0]
+        self._loaded = {}
+
+    def set_max_slots(self, max_slots: int) -> None:
+        """Limit the pool: allocating beyond `max_slots` raises `NoSpace`."""
+        self._max_slots = min(max_slots, MAX_SLOT)
+
+    # -- maps ----------------------------------------------------------------
+
+    def create_map(self, map_id: int, nchunks: int) -> None:
+        with self._lock:
+            if map_id in self._maps:
+                raise ValueError(f"map {map_id} exists")
+            self._maps[map_id] = _Map(map_id, nchunks, [None] * self._npages(nchunks))
+            self._dirty_maps.add(map_id)
+
+    def clone_map(self, map_id: int, source_id: int) -> None:
+        """A new map sharing every page of `source_id`: no entry or chunk is copied."""
+        with self._lock:
+            if map_id in self._maps:
+                raise ValueError(f"map {map_id} exists")
+            source = self._map(source_id)
+            for page in source.pages:
+                if page is not None:
+                    page.refs += 1
+            self._maps[map_id] = _Map(map_id, source.nchunks, list(source.pages))
+            self._dirty_maps.add(map_id)
+
+    def drop_map(self, map_id: int) -> None:
+        with self._lock:
+            m = self._maps.pop(map_id, None)
+            if m is None:
+                raise KeyError(map_id)
+            for page in m.pages:
+                if page is not None:
+                    self._unref_page(page)
+            self._dirty_maps.discard(map_id)
+
+    def has_map(self, map_id: int) -> bool:
+        return map_id in self._maps
+
+    def map_directory(self, map_id: int) -> bytes:
+        with self._lock:
+            return self._directory(self._map(map_id))
+
+    # -- I/O -----------------------------------------------------------------
+
+    def pread(self, map_id: int, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.read(map_id, buf, offset)
+        return bytes(buf)
+
+    def read(self, map_id: int, buffer, offset: int) -> None:
+        """Fill `buffer` (any writable buffer) with the map's bytes from `offset`."""
+        mv = memoryview(buffer).cast("B")
+        with self._lock:
+            m = self._map(map_id)
+            self._check_range(m, offset, len(mv))
+            for pos, chunk, within, length in self._pieces(offset, len(mv)):
+                slot = self._entry(m, chunk)
+                piece = mv[pos : pos + length]
+                if slot == 0:
+                    piece[:] = self._zeros[:length]
+                else:
+                    self._pread_into(piece, (slot - 1) * self._cs + within)
+
+    def write(self, map_id: int, data, offset: int) -> None:
+        """Write `data` (any buffer) at `offset`, copying shared pages and chunks first."""
+        mv = memoryview(data).cast("B")
+        with self._lock:
+            m = self._map(map_id)
+            self._check_range(m, offset, len(mv))
+            for pos, chunk, within, length in self._pieces(offset, len(mv)):
+                self._write_chunk(m, chunk, within, mv[pos : pos + length])
+
+    def zero(self, map_id: int, offset: int, length: int) -> None:
+        """Make a range read as zeros; whole chunks become unallocated."""
+        with self._lock:
+            m = self._map(map_id)
+            self._check_range(m, offset, length)
+            for _, chunk, within, n in self._pieces(offset, length):
+                if n == self._cs:
+                    if self._entry(m, chunk):
+                        page = self._page_for_write(m, chunk // self._pe)
+                        i = chunk % self._pe
+                        self._decref(page.entries[i])
+                        page.entries[i] = 0
+                else:
+                    self._write_chunk(m, chunk, within, memoryview(self._zeros)[:n])
+
+    def flush_data(self) -> None:
+        os.fsync(self._fd)
+
+    # -- introspection -------------------------------------------------------
+
+    def depth_runs(self, chain: Sequence[int], first_chunk: int, count: int) -> list[tuple[int, int, bool]]:
+        """Runs of (chunks, depth, allocated) for chunks of chain[0]: depth k+1 means the
+        map chain[k] supplies the chunk (its entry differs from chain[k+1]'s), 0 none."""
+        with self._lock:
+            maps = [self._map(i) for i in chain]
+            self._check_range(maps[0], first_chunk * self._cs, count * self._cs)
+            runs: list[tuple[int, int, bool]] = []
+            for chunk in range(first_chunk, first_chunk + count):
+                depth = 0
+                for k, m in enumerate(maps):
+                    below = self._entry(maps[k + 1], chunk) if k + 1 < len(maps) else 0
+                    if self._entry(m, chunk) != below:
+                        depth = k + 1
+                        break
+                allocated = self._entry(maps[0], chunk) != 0
+                if runs and runs[-1][1] == depth and runs[-1][2] == allocated:
+                    runs[-1] = (runs[-1][0] + 1, depth, allocated)
+                else:
+                    runs.append((1, depth, allocated))
+            return runs
+
+    def diff_runs(self, a_id: int, b_id: int) -> list[tuple[int, int]]:
+        """Runs of (first_chunk, count) whose slots differ between two maps."""
+        with self._lock:
+            a, b = self._map(a_id), self._map(b_id)
+            runs: list[tuple[int, int]] = []
+            for chunk in range(max(a.nchunks, b.nchunks)):
+                ea = self._entry(a, chunk) if chunk < a.nchunks else 0
+                eb = self._entry(b, chunk) if chunk < b.nchunks else 0
+                if ea != eb:
+                    if runs and runs[-1][0] + runs[-1][1] == chunk:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+                    else:
+                        runs.append((chunk, 1))
+            return runs
+
+    def exclusive_chunks(self, map_id: int, parent_id: int | None) -> int:
+        """Chunks allocated in the map that its parent does not share."""
+        with self._lock:
+            m = self._map(map_id)
+            parent = self._map(parent_id) if parent_id is not None else None
+            count = 0
+            for chunk in range(m.nchunks):
+                slot = self._entry(m, chunk)
+                if slot and (parent is None or self._entry(parent, chunk) != slot):
+                    count += 1
+            return count
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            used = sum(1 for s in range(1, self._nslots + 1) if self._refs[s])
+            return {
+                "slots": self._nslots,
+                "used": used,
+                "free": len(self._free),
+                "pending": len(self._pending),
+                "maps": len(self._maps),
+            }
+
+    # -- persistence ---------------------------------------------------------
+
+    def take_changes(self) -> Changes:
+        """Hand over everything changed since the last call; the caller makes it durable."""
+        with self._lock:
+            pages = [(p.id, _le(p.entries)) for p in self._dirty_pages.values()]
+            maps = [(i, self._directory(self._maps[i])) for i in sorted(self._dirty_maps)]
+            changes = Changes(pages, self._dead_pages, maps, self._pending)
+            self._dirty_pages = {}
+            self._dirty_maps = set()
+            self._dead_pages = []
+            self._pending = []
+            return changes
+
+    def release(self, freed: list[int]) -> None:
+        """Make slots freed by durable metadata available again."""
+        with self._lock:
+            self._free.extend(freed)
+
+    # -- internals -----------------------------------------------------------
+
+    def _npages(self, nchunks: int) -> int:
+        return -(-nchunks // self._pe)
+
+    def _map(self, map_id: int) -> _Map:
+        try:
+            return self._maps[map_id]
+        except KeyError:
+            raise KeyError(map_id) from None
+
+    def _directory(self, m: _Map) -> bytes:
+        return _le(array("Q", [p.id if p is not None else 0 for p in m.pages]))
+
+    def _check_range(self, m: _Map, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > m.nchunks * self._cs:
+            raise ValueError(f"range {offset}+{length} is outside the map")
+
+    def _pieces(self, offset: int, length: int):
+        pos = 0
+        while pos < length:
+            chunk, within = divmod(offset + pos, self._cs)
+            n = min(self._cs - within, length - pos)
+            yield pos, chunk, within, n
+            pos += n
+
+    def _entry(self, m: _Map, chunk: int) -> int:
+        page = m.pages[chunk // self._pe]
+        return 0 if page is None else page.entries[chunk % self._pe]
+
+    def _new_page(self, entries: array) -> _Page:
+        page = _Page(self._next_page_id, entries)
+        self._next_page_id += 1
+        page.refs = 1
+        self._dirty_pages[page.id] = page
+        return page
+
+    def _page_for_write(self, m: _Map, index: int) -> _Page:
+        """The map's page `index`, made exclusive to the map (created or copied)."""
+        page = m.pages[index]
+        if page is not None and page.refs == 1:
+            self._dirty_pages[page.id] = page
+            return page
+        if page is None:
+            fresh = self._new_page(array("I", bytes(4 * self._pe)))
+        else:
+            fresh = self._new_page(array("I", page.entries))
+            for slot in fresh.entries:
+                if slot:
+                    self._refs[slot] += 1
+            page.refs -= 1
+        m.pages[index] = fresh
+        self._dirty_maps.add(m.id)
+        return fresh
+
+    def _unref_page(self, page: _Page) -> None:
+        page.refs -= 1
+        if page.refs:
+            return
+        for slot in page.entries:
+            if slot:
+                self._decref(slot)
+        self._dirty_pages.pop(page.id, None)
+        self._dead_pages.append(page.id)
+
+    def _decref(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            self._pending.append(slot)
+
+    def _alloc(self) -> int:
+        if self._free:
+            slot = self._free.pop()
+        else:
+            if self._nslots >= self._max_slots:
+                raise NoSpace(f"the pool is full: {self._nslots} chunks of {self._cs} bytes in use")
+            self._nslots += 1
+            self._refs.append(0)
+            slot = self._nslots
+        self._refs[slot] = 1
+        return slot
+
+    def _write_chunk(self, m: _Map, chunk: int, within: int, piece: memoryview) -> None:
+        old = self._entry(m, chunk)
+        n = len(piece)
+        zero = piece.tobytes().count(0) == n
+        if old == 0 and zero:
+            return
+        full = n == self._cs
+        if old and self._refs[old] == 1 and not (full and zero) and m.pages[chunk // self._pe].refs == 1:
+            self._pwrite(piece, (old - 1) * self._cs + within)
+            return
+        page = self._page_for_write(m, chunk // self._pe)
+        i = chunk % self._pe
+        old = page.entries[i]
+        if full and zero:
+            new = 0
+        elif old and self._refs[old] == 1:
+            self._pwrite(piece, (old - 1) * self._cs + within)
+            return
+        else:
+            if full:
+                chunk_bytes: bytes | bytearray | memoryview = piece
+            else:
+                buf = bytearray(self._cs)
+                if old:
+                    self._pread_into(memoryview(buf), (old - 1) * self._cs)
+                buf[within : within + n] = piece
+                chunk_bytes = buf
+            new = self._alloc()
+            try:
+                self._pwrite(chunk_bytes, (new - 1) * self._cs)
+            except BaseException:
+                self._refs[new] = 0
+                self._free.append(new)
+                raise
+        page.entries[i] = new
+        if old:
+            self._decref(old)
+
+    def _pwrite(self, data, offset: int) -> None:
+        mv = memoryview(data)
+        while len(mv):
+            done = os.pwrite(self._fd, mv, offset)
+            mv = mv[done:]
+            offset += done
+
+    def _pread_into(self, piece: memoryview, offset: int) -> None:
+        got = os.preadv(self._fd, [piece], offset)
+        if got != len(piece):
+            raise Corruption(f"short read at data offset {offset}: the data file is truncated")
