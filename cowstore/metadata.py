@@ -1,0 +1,135 @@
+"""The store's metadata in SQLite: settings, the snapshot table and map pages.
+
+One database, one transaction per durable step (WAL, synchronous=FULL): a snapshot row and
+the pages its map names can never drift apart after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import Corruption, InvalidArgument
+
+FORMAT = "cowstore"
+FORMAT_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE settings (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE snapshots (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')),
+    parent INTEGER REFERENCES snapshots(id),
+    labels TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    directory BLOB NOT NULL
+);
+CREATE TABLE pages (id INTEGER PRIMARY KEY, entries BLOB NOT NULL);
+"""
+
+
+@dataclass
+class Row:
+    """One snapshot as stored."""
+
+    id: int
+    key: str
+    kind: str
+    parent: int | None
+    labels: dict[str, str]
+    created: int
+    updated: int
+    size: int
+    directory: bytes
+
+
+class Metadata:
+    """The SQLite side of one store; callers serialise access."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        except sqlite3.DatabaseError as exc:
+            raise Corruption(f"{path}: not a readable SQLite database: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, settings: dict[str, int]) -> None:
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.executemany(
+                "INSERT INTO settings VALUES (?, ?)",
+                [("format", FORMAT), ("version", FORMAT_VERSION), *settings.items()],
+            )
+
+    def settings(self, where: str) -> dict[str, int]:
+        """The store's fixed settings; refuses what is not a cowstore store we can read."""
+        try:
+            rows = dict(self._db.execute("SELECT name, value FROM settings"))
+        except sqlite3.DatabaseError as exc:
+            raise Corruption(f"{where}: the metadata database is damaged or foreign: {exc}") from exc
+        if rows.get("format") != FORMAT:
+            raise Corruption(f"{where}: the metadata database is not a cowstore store")
+        version = rows.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise InvalidArgument(
+                f"{where}: store format version {version} is newer than this cowstore reads ({FORMAT_VERSION})"
+            )
+        return rows
+
+    def snapshots(self) -> list[Row]:
+        rows = self._db.execute(
+            "SELECT id, key, kind, parent, labels, created, updated, size, directory FROM snapshots ORDER BY id"
+        )
+        return [Row(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
+
+    def pages(self) -> Iterator[tuple[int, bytes]]:
+        yield from self._db.execute("SELECT id, entries FROM pages")
+
+    def transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def check_integrity(self) -> list[str]:
+        return [r[0] for r in self._db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+
+
+class _Transaction:
+    """`with` block that commits on success and rolls back on error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self._db.execute("BEGIN IMMEDIATE")
+        return self._db
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")
+
+
+def insert_snapshot(db: sqlite3.Connection, row: Row) -> None:
+    db.execute(
+        "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (row.id, row.key, row.kind, row.parent, json.dumps(row.labels), row.created, row.updated, row.size,
+         row.directory),
+    )
+
+
+def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> None:
+    """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
+    db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?)", pages)
+    db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in dead_pages])
+    db.executemany("UPDATE snapshots SET directory = ? WHERE id = ?", [(d, i) for i, d in directories])

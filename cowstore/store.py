@@ -1,0 +1,515 @@
+"""The store: a containerd-style snapshotter over one engine, one data file and one SQLite file.
+
+Policy lives here (keys, kinds, labels, parents, errors, durability order); the engine
+does the chunk work. Every snapshotter call is durable when it returns.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import _backend, metadata
+from .errors import (
+    AlreadyExists,
+    Closed,
+    Corruption,
+    Error,
+    FailedPrecondition,
+    InvalidArgument,
+    Locked,
+    NotFound,
+)
+from .filters import compile_filters
+from .types import Info, Kind, Usage
+from .volume import Volume
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+DEFAULT_CHUNK_SIZE = 64 * KiB
+DEFAULT_SIZE = 10 * GiB
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 * KiB, 1 * MiB
+MAX_SIZE = 1 << 50
+PAGE_ENTRIES = 1024
+MAX_KEY_LENGTH = 4096
+
+DATA_FILE = "data"
+META_FILE = "meta.sqlite"
+LOCK_FILE = "lock"
+
+
+class _Snapshot:
+    """One snapshot in memory. `id` is also its map's id in the engine."""
+
+    __slots__ = ("created", "dead", "id", "key", "kind", "labels", "parent", "size", "updated")
+
+    def __init__(self, id: int, key: str, kind: Kind, parent: _Snapshot | None, labels: dict[str, str],
+                 created: int, updated: int, size: int) -> None:
+        self.id = id
+        self.key = key
+        self.kind = kind
+        self.parent = parent
+        self.labels = labels
+        self.created = created
+        self.updated = updated
+        self.size = size
+        self.dead = False
+
+    def chain(self) -> list[int]:
+        """Map ids from this snapshot down to its base."""
+        ids, s = [], self
+        while s is not None:
+            ids.append(s.id)
+            s = s.parent
+        return ids
+
+    def info(self) -> Info:
+        return Info(
+            name=self.key,
+            kind=self.kind,
+            parent=self.parent.key if self.parent else None,
+            labels=dict(self.labels),
+            created=_datetime(self.created),
+            updated=_datetime(self.updated),
+            size=self.size,
+        )
+
+    def row(self, directory: bytes = b"") -> metadata.Row:
+        return metadata.Row(self.id, self.key, self.kind.value, self.parent.id if self.parent else None,
+                            self.labels, self.created, self.updated, self.size, directory)
+
+
+def _now() -> int:
+    now = datetime.now(timezone.utc)
+    return int(now.timestamp()) * 1_000_000 + now.microsecond
+
+
+def _datetime(micros: int) -> datetime:
+    seconds, micro = divmod(micros, 1_000_000)
+    return datetime.fromtimestamp(seconds, timezone.utc).replace(microsecond=micro)
+
+
+def _check_key(key: object, what: str = "key") -> str:
+    if not isinstance(key, str):
+        raise InvalidArgument(f"{what} must be a str, not {type(key).__name__}")
+    if not key:
+        raise InvalidArgument(f"{what} must not be empty")
+    if "\0" in key:
+        raise InvalidArgument(f"{what} {key!r} contains a NUL character")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_KEY_LENGTH} characters")
+    return key
+
+
+def _check_labels(labels: object) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise InvalidArgument(f"labels must be a mapping of str to str, not {type(labels).__name__}")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidArgument(f"label {k!r}={v!r}: labels must map str to str")
+        if not k or "\0" in k or "\0" in v:
+            raise InvalidArgument(f"label {k!r}: keys must be non-empty and neither may contain NUL")
+    return dict(labels)
+
+
+def _check_size(size: object, what: str = "size") -> int:
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise InvalidArgument(f"{what} must be an int, not {type(size).__name__}")
+    if not 0 < size <= MAX_SIZE:
+        raise InvalidArgument(f"{what} {size} is out of range (1 to {MAX_SIZE} bytes)")
+    return size
+
+
+def _check_chunk_size(chunk_size: object) -> int:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise InvalidArgument(f"chunk_size must be an int, not {type(chunk_size).__name__}")
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument(
+            f"chunk_size {chunk_size} must be a power of two from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE}"
+        )
+    return chunk_size
+
+
+class Store:
+    """A snapshotter: containerd's calls, over copy-on-write chunk maps.
+
+    Made by `cowstore.open` or `cowstore.memory`. Thread-safe; a context manager.
+    """
+
+    def __init__(self, *, where: str, meta: metadata.Metadata, data_fd: int, lock_fd: int | None,
+                 settings: dict[str, int], engine: str | None, durable: bool) -> None:
+        self._where = where
+        self._meta = meta
+        self._data_fd = data_fd
+        self._lock_fd = lock_fd
+        self._durable = durable
+        self._lock = threading.RLock()
+        self._closed = False
+        self._broken: BaseException | None = None
+        self.chunk_size: int = settings["chunk_size"]
+        self.default_size: int = settings["default_size"]
+        self._engine = _backend.engine_class(engine)(data_fd, self.chunk_size, settings["page_entries"])
+        self.engine: str = "cython" if type(self._engine).__module__.endswith("_cengine") else "python"
+        self._snapshots: dict[str, _Snapshot] = {}
+        self._children: dict[int, int] = {}
+        self._next_id = 1
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"<cowstore.Store {self._where} chunk_size={self.chunk_size} engine={self.engine}>"
+
+    def _load(self) -> None:
+        eng = self._engine
+        try:
+            for page_id, entries in self._meta.pages():
+                eng.load_page(page_id, entries)
+            by_id: dict[int, _Snapshot] = {}
+            rows = self._meta.snapshots()
+            for row in rows:
+                parent = None
+                if row.parent is not None:
+                    parent = by_id.get(row.parent)
+                    if parent is None:
+                        raise Corruption(f"{self._where}: snapshot {row.key!r} names a missing parent")
+                s = _Snapshot(row.id, row.key, Kind(row.kind), parent, row.labels, row.created, row.updated,
+                              row.size)
+                eng.load_map(row.id, -(-row.size // self.chunk_size), row.directory)
+                by_id[row.id] = s
+                self._snapshots[row.key] = s
+                if parent is not None:
+                    self._children[parent.id] = self._children.get(parent.id, 0) + 1
+                self._next_id = max(self._next_id, row.id + 1)
+            eng.finish_load(-(-os.fstat(self._data_fd).st_size // self.chunk_size))
+        except ValueError as exc:
+            raise Corruption(f"{self._where}: the store's maps are damaged: {exc}") from exc
+
+    # -- containerd's snapshotter -------------------------------------------
+
+    def prepare(self, key: str, parent: str | None = None, *, size: int | None = None,
+                labels: Mapping[str, str] | None = None) -> Volume:
+        """Create an active (read-write) snapshot on `parent`, or empty of `size` bytes."""
+        return self._create(Kind.ACTIVE, key, parent, size, labels)
+
+    def view(self, key: str, parent: str | None = None, *, labels: Mapping[str, str] | None = None) -> Volume:
+        """Create a read-only view of the committed snapshot `parent`."""
+        return self._create(Kind.VIEW, key, parent, None, labels)
+
+    def _create(self, kind: Kind, key: str, parent: str | None, size: int | None,
+                labels: Mapping[str, str] | None) -> Volume:
+        _check_key(key)
+        labels = _check_labels(labels)
+        if parent is not None:
+            _check_key(parent, "parent")
+            if size is not None:
+                raise InvalidArgument("size applies only to a snapshot without a parent: a child has its parent's size")
+        with self._lock:
+            self._check_open()
+            if key in self._snapshots:
+                raise AlreadyExists(f"snapshot {key!r} already exists")
+            base = None
+            if parent is not None:
+                base = self._snapshots.get(parent)
+                if base is None:
+                    raise NotFound(f"parent snapshot {parent!r} does not exist")
+                if base.kind is not Kind.COMMITTED:
+                    raise InvalidArgument(f"parent {parent!r} is {base.kind.value}, not committed")
+                size = base.size
+            else:
+                size = self.default_size if size is None else _check_size(size)
+            now = _now()
+            s = _Snapshot(self._next_id, key, kind, base, labels, now, now, size)
+            self._next_id += 1
+            if base is None:
+                self._engine.create_map(s.id, -(-size // self.chunk_size))
+            else:
+                self._engine.clone_map(s.id, base.id)
+            self._snapshots[key] = s
+            if base is not None:
+                self._children[base.id] = self._children.get(base.id, 0) + 1
+            self._persist(lambda db: metadata.insert_snapshot(db, s.row()))
+            return Volume(self, s)
+
+    def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
+        """Turn the active snapshot `key` into the committed snapshot `name`; `key` is gone."""
+        _check_key(name, "name")
+        _check_key(key)
+        labels = _check_labels(labels)
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            if name in self._snapshots:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            if s.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is {s.kind.value}: only an active snapshot commits")
+            now = _now()
+            c = _Snapshot(self._next_id, name, Kind.COMMITTED, s.parent, labels, now, now, s.size)
+            self._next_id += 1
+            # A new map id cuts off writes still in flight on handles of `key`.
+            self._engine.clone_map(c.id, s.id)
+            self._engine.drop_map(s.id)
+            s.dead = True
+            del self._snapshots[key]
+            self._snapshots[name] = c
+            old_id = s.id
+
+            def rows(db):
+                db.execute("DELETE FROM snapshots WHERE id = ?", (old_id,))
+                metadata.insert_snapshot(db, c.row())
+
+            self._persist(rows)
+
+    def remove(self, key: str) -> None:
+        """Remove a snapshot of any kind; one with children cannot be removed."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            if self._children.get(s.id):
+                raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
+            self._engine.drop_map(s.id)
+            s.dead = True
+            del self._snapshots[key]
+            if s.parent is not None:
+                self._children[s.parent.id] -= 1
+            self._persist(lambda db: db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,)))
+
+    def stat(self, key: str) -> Info:
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            return self._get(key).info()
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        """Change labels only: all of them (no paths, or "labels") or one ("labels.<key>")."""
+        if not isinstance(info, Info):
+            raise InvalidArgument(f"update takes an Info, not {type(info).__name__}")
+        _check_key(info.name, "info.name")
+        new_labels = _check_labels(info.labels)
+        with self._lock:
+            self._check_open()
+            s = self._get(info.name)
+            labels = dict(s.labels)
+            for path in fieldpaths or ("labels",):
+                if path == "labels":
+                    labels = dict(new_labels)
+                elif isinstance(path, str) and path.startswith("labels.") and len(path) > 7:
+                    k = path[7:]
+                    if new_labels.get(k):
+                        labels[k] = new_labels[k]
+                    else:
+                        labels.pop(k, None)
+                else:
+                    raise InvalidArgument(f"cannot update field {path!r}: only labels and labels.<key> change")
+            s.labels = labels
+            s.updated = _now()
+            self._persist(lambda db: db.execute(
+                "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
+                (metadata.json.dumps(labels), s.updated, s.id),
+            ))
+            return s.info()
+
+    def usage(self, key: str) -> Usage:
+        """Bytes of chunks this snapshot holds that its parent does not."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            chunks = self._engine.exclusive_chunks(s.id, s.parent.id if s.parent else None)
+            return Usage(size=chunks * self.chunk_size, chunks=chunks)
+
+    def mounts(self, key: str) -> Volume:
+        """A new handle on an active or view snapshot."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            if s.kind is Kind.COMMITTED:
+                raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")
+            return Volume(self, s)
+
+    def walk(self, *filters: str) -> Iterator[Info]:
+        """Every snapshot matching any filter (containerd syntax), in key order."""
+        match = compile_filters(filters)
+        with self._lock:
+            self._check_open()
+            infos = [s.info() for _, s in sorted(self._snapshots.items())]
+        for info in infos:
+            fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent or "",
+                      "labels": info.labels}
+            if match(fields):
+                yield info
+
+    def flush(self) -> None:
+        """Make every write before this call durable."""
+        with self._lock:
+            self._check_open()
+            self._persist(None)
+
+    def close(self) -> None:
+        """Flush and release the store; closing twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._broken is None:
+                    self._persist(None)
+            finally:
+                self._closed = True
+                self._meta.close()
+                os.close(self._data_fd)
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _get(self, key: str) -> _Snapshot:
+        s = self._snapshots.get(key)
+        if s is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return s
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed(f"store {self._where} is closed")
+        if self._broken is not None:
+            raise Error(f"store {self._where} failed to persist and must be reopened: {self._broken}")
+
+    def _persist(self, rows) -> None:
+        """One durable step: data first, then the metadata naming it, in one transaction.
+
+        Freed slots become reusable only after the transaction that frees them commits.
+        """
+        changes = self._engine.take_changes()
+        try:
+            if self._durable:
+                self._engine.flush_data()
+            with self._meta.transaction() as db:
+                if rows is not None:
+                    rows(db)
+                metadata.write_changes(db, changes.pages, changes.dead_pages, changes.maps)
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        self._engine.release(changes.freed)
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Locked(f"store {path} is in use: process {holder} holds the lock on {path / LOCK_FILE}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create(path: Path, settings: dict[str, int]) -> None:
+    """Build a store in a temporary directory beside `path`, then rename it into place."""
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        os.close(os.open(tmp / DATA_FILE, os.O_CREAT | os.O_WRONLY, 0o644))
+        meta = metadata.Metadata(str(tmp / META_FILE))
+        meta.create(settings)
+        meta.close()
+        for name in (DATA_FILE, META_FILE):
+            fd = os.open(tmp / name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if (path / META_FILE).exists():
+                return
+            raise InvalidArgument(f"{path} exists and is not an empty directory or a cowstore store") from None
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            for child in tmp.iterdir():
+                child.unlink()
+            tmp.rmdir()
+
+
+def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int]:
+    return {
+        "chunk_size": DEFAULT_CHUNK_SIZE if chunk_size is None else _check_chunk_size(chunk_size),
+        "default_size": DEFAULT_SIZE if default_size is None else _check_size(default_size, "default_size"),
+        "page_entries": PAGE_ENTRIES,
+    }
+
+
+def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int | None = None,
+         default_size: int | None = None, engine: str | None = None) -> Store:
+    """Open the store at `path`; with `create=True`, create it first if it is missing."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"path must be a str or path, not {type(path).__name__}")
+    path = Path(path).absolute()
+    wanted = _settings(chunk_size, default_size)
+    if not (path / META_FILE).exists():
+        if not create:
+            if path.is_dir() and any(path.iterdir()):
+                raise InvalidArgument(f"{path} is not a cowstore store (no {META_FILE})")
+            raise NotFound(f"no store at {path} (pass create=True to make one)")
+        if not path.parent.is_dir():
+            raise NotFound(f"cannot create a store at {path}: {path.parent} does not exist")
+        _create(path, wanted)
+    lock_fd = _lock(path)
+    try:
+        meta = metadata.Metadata(str(path / META_FILE))
+        try:
+            stored = meta.settings(str(path))
+            for name, value in (("chunk_size", chunk_size), ("default_size", default_size)):
+                if value is not None and value != stored.get(name):
+                    raise InvalidArgument(
+                        f"{name}={value} differs from the store's {name}={stored.get(name)}, fixed at creation"
+                    )
+            try:
+                data_fd = os.open(path / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
+            try:
+                return Store(where=str(path), meta=meta, data_fd=data_fd, lock_fd=lock_fd, settings=stored,
+                             engine=engine, durable=True)
+            except BaseException:
+                os.close(data_fd)
+                raise
+        except BaseException:
+            meta.close()
+            raise
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def memory(*, chunk_size: int | None = None, default_size: int | None = None, engine: str | None = None) -> Store:
+    """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
+    settings = _settings(chunk_size, default_size)
+    meta = metadata.Metadata(":memory:")
+    meta.create(settings)
+    data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)
+    return Store(where=":memory:", meta=meta, data_fd=data_fd, lock_fd=None, settings=settings, engine=engine,
+                 durable=False)
