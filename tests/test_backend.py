@@ -1,0 +1,54 @@
+"""Which engine is in use, and that both expose one interface."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import cowstore
+from cowstore import _backend, _pyengine
+
+
+def test_engine_matches_the_environment():
+    if os.environ.get("COWSTORE_PURE_PYTHON"):
+        assert cowstore.engine == "python"
+    elif os.environ.get("COWSTORE_REQUIRE_EXTENSION"):
+        assert cowstore.engine == "cython"
+    assert cowstore.memory().engine == cowstore.engine
+
+
+def test_pure_python_variable_forces_the_python_engine():
+    out = subprocess.run(
+        [sys.executable, "-c", "import cowstore; print(cowstore.engine, cowstore.memory().engine)"],
+        env={**os.environ, "COWSTORE_PURE_PYTHON": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["python", "python"]
+
+
+def test_both_engines_export_the_same_names():
+    if "cython" not in _backend.ENGINES:
+        assert not os.environ.get("CI"), "CI requires the extension"
+        return
+    from cowstore import _cengine
+
+    def public(module):
+        return {n for n in dir(module) if not n.startswith("_") and n not in {"annotations"}}
+
+    def methods(cls):
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert {"Engine", "Changes", "MAX_SLOT"} <= public(_cengine)
+    assert methods(_cengine.Engine) == methods(_pyengine.Engine)
+
+
+def test_unknown_engine_name_is_rejected():
+    try:
+        cowstore.memory(engine="fortran")
+    except cowstore.errors.InvalidArgument as exc:
+        assert "fortran" in str(exc)
+    else:
+        raise AssertionError("engine='fortran' was accepted")
