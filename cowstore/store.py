@@ -26,7 +26,7 @@ from .errors import (
     NotFound,
 )
 from .filters import compile_filters
-from .types import Info, Kind, Usage
+from .types import Extent, Info, Kind, Usage
 from .volume import Volume
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -333,6 +333,29 @@ class Store:
                 raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")
             return Volume(self, s)
 
+    def map(self, key: str, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Extents of any snapshot, committed ones too, like `qemu-img map`."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            if length is None:
+                length = s.size - offset if isinstance(offset, int) else 0
+            if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
+                    or offset + length > s.size:
+                raise InvalidArgument(f"range {offset}+{length} is outside the snapshot of {s.size} bytes")
+            return self._extents(s, offset, length)
+
+    def diff(self, a: str, b: str) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length) whose chunks differ between two snapshots, like thin_delta."""
+        _check_key(a)
+        _check_key(b)
+        with self._lock:
+            self._check_open()
+            sa, sb = self._get(a), self._get(b)
+            cs = self.chunk_size
+            return [(first * cs, count * cs) for first, count in self._engine.diff_runs(sa.id, sb.id)]
+
     def walk(self, *filters: str) -> Iterator[Info]:
         """Every snapshot matching any filter (containerd syntax), in key order."""
         match = compile_filters(filters)
@@ -373,6 +396,21 @@ class Store:
         self.close()
 
     # -- internals -----------------------------------------------------------
+
+    def _extents(self, s: _Snapshot, offset: int, length: int) -> list[Extent]:
+        if length == 0:
+            return []
+        cs = self.chunk_size
+        first = offset // cs
+        count = (offset + length - 1) // cs - first + 1
+        extents = []
+        chunk, end = first, offset + length
+        for run, depth, allocated in self._engine.depth_runs(s.chain(), first, count):
+            start = max(chunk * cs, offset)
+            stop = min((chunk + run) * cs, end)
+            extents.append(Extent(start, stop - start, allocated, not allocated, depth))
+            chunk += run
+        return extents
 
     def _get(self, key: str) -> _Snapshot:
         s = self._snapshots.get(key)

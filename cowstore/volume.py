@@ -114,24 +114,10 @@ class Volume:
         if length is None:
             length = self.size - offset if isinstance(offset, int) else 0
         self._check(offset, length)
-        if length == 0:
-            return []
-        cs = self._store.chunk_size
-        first = offset // cs
-        last = (offset + length - 1) // cs
         try:
-            runs = self._engine.depth_runs(self._snapshot.chain(), first, last - first + 1)
+            return self._store._extents(self._snapshot, offset, length)
         except KeyError:
             raise self._gone() from None
-        extents = []
-        chunk = first
-        end = offset + length
-        for count, depth, allocated in runs:
-            start = max(chunk * cs, offset)
-            stop = min((chunk + count) * cs, end)
-            extents.append(Extent(start, stop - start, allocated, not allocated, depth))
-            chunk += count
-        return extents
 
     def file(self) -> VolumeFile:
         """A seekable file object over the volume."""

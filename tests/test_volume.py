@@ -169,3 +169,29 @@ def test_closed_volume_refuses_io(store):
     with pytest.raises(errors.Closed):
         vol.pread(1, 0)
     assert store.mounts("a").pread(1, 0) == b"x"
+
+
+def test_store_map_reports_committed_snapshots_from_their_own_depth(store):
+    vol = store.prepare("a", size=4 * CHUNK)
+    vol.pwrite(b"x", CHUNK)
+    store.commit("c", "a")
+    assert [(e.offset, e.length, e.depth) for e in store.map("c")] == [
+        (0, CHUNK, 0),
+        (CHUNK, CHUNK, 1),
+        (2 * CHUNK, 2 * CHUNK, 0),
+    ]
+    with pytest.raises(errors.InvalidArgument):
+        store.map("c", 0, 5 * CHUNK)
+
+
+def test_store_diff_lists_the_chunks_that_differ(store):
+    vol = store.prepare("a", size=8 * CHUNK)
+    vol.pwrite(b"x" * CHUNK, 0)
+    store.commit("c", "a")
+    child = store.prepare("b", "c")
+    child.pwrite(b"y", 2 * CHUNK)
+    child.pwrite(b"y", 3 * CHUNK)
+    child.discard(0, CHUNK)
+    child.pwrite(b"z", 6 * CHUNK)
+    assert store.diff("c", "b") == [(0, CHUNK), (2 * CHUNK, 2 * CHUNK), (6 * CHUNK, CHUNK)]
+    assert store.diff("b", "b") == []
