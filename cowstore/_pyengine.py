@@ -301,6 +301,31 @@ class Engine:
                 "maps": len(self._maps),
             }
 
+    def refcounts(self) -> bytes:
+        """Slot refcounts as little-endian uint32, index 0 unused: for `Store.check`."""
+        with self._lock:
+            return _le(self._refs)
+
+    def take_free(self) -> list[int]:
+        """Take every free slot out of circulation (to punch holes), ascending; `release` returns them."""
+        with self._lock:
+            free, self._free = sorted(self._free), []
+            return free
+
+    def trim_free_tail(self) -> int:
+        """Shrink the pool and the data file past its last used or pending slot; returns the pool size."""
+        with self._lock:
+            free = set(self._free)
+            n = self._nslots
+            while n and n in free:
+                n -= 1
+            if n < self._nslots:
+                os.ftruncate(self._fd, n * self._cs)
+                self._free = [s for s in self._free if s <= n]
+                del self._refs[n + 1 :]
+                self._nslots = n
+            return n
+
     # -- persistence ---------------------------------------------------------
 
     def take_changes(self) -> Changes:

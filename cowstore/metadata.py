@@ -87,6 +87,10 @@ class Metadata:
             )
         return rows
 
+    def set_setting(self, name: str, value: int) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (name, value))
+
     def snapshots(self) -> list[Row]:
         rows = self._db.execute(
             "SELECT id, key, kind, parent, labels, created, updated, size, directory FROM snapshots ORDER BY id"

@@ -14,7 +14,8 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import _backend, metadata
+from . import _backend, _fs, metadata
+from .check import CheckReport, audit
 from .errors import (
     AlreadyExists,
     Closed,
@@ -26,7 +27,7 @@ from .errors import (
     NotFound,
 )
 from .filters import compile_filters
-from .types import Extent, Info, Kind, Usage
+from .types import Extent, Info, Kind, Stats, Usage
 from .volume import Volume
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -160,6 +161,8 @@ class Store:
         self._children: dict[int, int] = {}
         self._next_id = 1
         self._load()
+        self.max_bytes: int | None = None
+        self._set_max_bytes(settings.get("max_bytes") or None)
 
     def __repr__(self) -> str:
         return f"<cowstore.Store {self._where} chunk_size={self.chunk_size} engine={self.engine}>"
@@ -368,6 +371,83 @@ class Store:
             if match(fields):
                 yield info
 
+    def stats(self) -> Stats:
+        """Pool totals: slots in use, free and pending, bytes on disk, logical bytes, sharing."""
+        with self._lock:
+            self._check_open()
+            e = self._engine.stats()
+            logical = sum(self._engine.exclusive_chunks(s.id, None) for s in self._snapshots.values())
+            return Stats(
+                chunk_size=self.chunk_size,
+                slots=e["slots"],
+                used=e["used"],
+                free=e["free"],
+                pending=e["pending"],
+                disk_bytes=os.fstat(self._data_fd).st_blocks * 512,
+                logical_bytes=logical * self.chunk_size,
+                snapshots=len(self._snapshots),
+                max_bytes=self.max_bytes,
+            )
+
+    def check(self, *, data: bool = False) -> CheckReport:
+        """Audit the stored metadata and pool (and with `data=True`, read every used chunk)."""
+        with self._lock:
+            self._check_open()
+            self._persist(None)
+            return audit(self._meta, self._data_fd, self.chunk_size, self._engine.page_entries,
+                         self._engine.refcounts(), data=data)
+
+    def repair(self) -> CheckReport:
+        """Free leaked slots and pages; refuses (`Corruption`) damage it cannot fix safely."""
+        with self._lock:
+            report = self.check()
+            if not report.ok:
+                raise Corruption(
+                    f"{self._where}: {len(report.problems)} problems need more than a repair can safely do; "
+                    f"first: {report.problems[0].what} ({report.problems[0].where})"
+                )
+            if report.leaked_pages:
+                with self._meta.transaction() as db:
+                    db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in report.leaked_pages])
+            self.compact()
+            return self.check()
+
+    def compact(self) -> int:
+        """Give free space back: truncate the pool's free tail, punch holes for free slots.
+
+        Returns the bytes of the data file's apparent size that are now holes or gone.
+        """
+        with self._lock:
+            self._check_open()
+            before = os.fstat(self._data_fd).st_size
+            slots = self._engine.trim_free_tail()
+            freed = before - os.fstat(self._data_fd).st_size
+            free = self._engine.take_free()
+            try:
+                for first, count in _fs.ranges(free):
+                    if first <= slots and _fs.punch_hole(self._data_fd, (first - 1) * self.chunk_size,
+                                                         count * self.chunk_size):
+                        freed += count * self.chunk_size
+            finally:
+                self._engine.release(free)
+            return freed
+
+    def _set_max_bytes(self, max_bytes: int | None) -> None:
+        if max_bytes is not None:
+            if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < self.chunk_size:
+                raise InvalidArgument(f"max_bytes must be an int of at least one chunk ({self.chunk_size})")
+            self._engine.set_max_slots(max_bytes // self.chunk_size)
+        self.max_bytes = max_bytes
+
+    def _reclaim(self) -> bool:
+        """After `NoSpace`: make pending frees durable; true if that freed anything."""
+        with self._lock:
+            self._check_open()
+            if not self._engine.stats()["pending"]:
+                return False
+            self._persist(None)
+            return True
+
     def flush(self) -> None:
         """Make every write before this call durable."""
         with self._lock:
@@ -382,6 +462,8 @@ class Store:
             try:
                 if self._broken is None:
                     self._persist(None)
+                    if self._durable:
+                        self.compact()
             finally:
                 self._closed = True
                 self._meta.close()
@@ -501,7 +583,7 @@ def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int
 
 
 def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int | None = None,
-         default_size: int | None = None, engine: str | None = None) -> Store:
+         default_size: int | None = None, max_bytes: int | None = None, engine: str | None = None) -> Store:
     """Open the store at `path`; with `create=True`, create it first if it is missing."""
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a str or path, not {type(path).__name__}")
@@ -525,13 +607,18 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
                     raise InvalidArgument(
                         f"{name}={value} differs from the store's {name}={stored.get(name)}, fixed at creation"
                     )
+            if max_bytes is not None:
+                stored = {**stored, "max_bytes": max_bytes}
             try:
                 data_fd = os.open(path / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
             try:
-                return Store(where=str(path), meta=meta, data_fd=data_fd, lock_fd=lock_fd, settings=stored,
-                             engine=engine, durable=True)
+                store = Store(where=str(path), meta=meta, data_fd=data_fd, lock_fd=lock_fd, settings=stored,
+                              engine=engine, durable=True)
+                if max_bytes is not None:
+                    meta.set_setting("max_bytes", max_bytes)
+                return store
             except BaseException:
                 os.close(data_fd)
                 raise
@@ -543,9 +630,10 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
         raise
 
 
-def memory(*, chunk_size: int | None = None, default_size: int | None = None, engine: str | None = None) -> Store:
+def memory(*, chunk_size: int | None = None, default_size: int | None = None, max_bytes: int | None = None,
+           engine: str | None = None) -> Store:
     """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
-    settings = _settings(chunk_size, default_size)
+    settings = {**_settings(chunk_size, default_size), "max_bytes": max_bytes}
     meta = metadata.Metadata(":memory:")
     meta.create(settings)
     data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)

@@ -52,3 +52,24 @@ class Extent:
     allocated: bool
     zero: bool
     depth: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Pool totals of a store (`Store.stats`)."""
+
+    chunk_size: int
+    slots: int
+    used: int
+    free: int
+    pending: int
+    disk_bytes: int
+    logical_bytes: int
+    snapshots: int
+    max_bytes: int | None
+
+    @property
+    def sharing_ratio(self) -> float:
+        """Bytes the snapshots see, over bytes the pool holds for them (1.0: nothing shared)."""
+        held = self.used * self.chunk_size
+        return self.logical_bytes / held if held else 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-from .errors import Closed, InvalidArgument, NotFound, ReadOnly
+from .errors import Closed, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .types import Extent, Kind
 
 if TYPE_CHECKING:
@@ -86,10 +86,7 @@ class Volume:
         except TypeError:
             raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
         self._check_writable(offset, view.nbytes)
-        try:
-            self._engine.write(self._id, view, offset)
-        except KeyError:
-            raise self._gone() from None
+        self._retry_on_full(self._engine.write, view, offset)
         return view.nbytes
 
     def discard(self, offset: int, length: int) -> None:
@@ -99,8 +96,17 @@ class Volume:
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros without allocating space for them."""
         self._check_writable(offset, length)
+        self._retry_on_full(self._engine.zero, offset, length)
+
+    def _retry_on_full(self, call, *args) -> None:
+        """Run an engine write; when the pool is full, make pending frees durable and retry once."""
         try:
-            self._engine.zero(self._id, offset, length)
+            try:
+                call(self._id, *args)
+            except NoSpace:
+                if not self._store._reclaim():
+                    raise
+                call(self._id, *args)
         except KeyError:
             raise self._gone() from None
 

@@ -1,0 +1,166 @@
+"""An audit of a store's stored state, independent of the engine: like thin_check and qemu-img check.
+
+It reads the metadata as SQLite holds it and the data file as the disk holds it, derives
+what must be true (every page named exists, every slot named is inside the pool, the
+snapshot tree has no dangling parent or cycle, slot refcounts equal the references), and
+compares the engine's refcounts with the derived ones.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from array import array
+from dataclasses import dataclass, field
+
+from .metadata import Metadata
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing found wrong: what, and where (a snapshot, page or slot)."""
+
+    what: str
+    where: str
+
+
+@dataclass
+class CheckReport:
+    """The result of `Store.check`. `ok` is false when anything is corrupted; leaks alone keep it true."""
+
+    problems: list[Problem] = field(default_factory=list)
+    leaked_slots: list[int] = field(default_factory=list)
+    leaked_pages: list[int] = field(default_factory=list)
+    snapshots: int = 0
+    pages: int = 0
+    slots: int = 0
+    referenced_slots: int = 0
+    chunks_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def leaks(self) -> int:
+        return len(self.leaked_slots) + len(self.leaked_pages)
+
+
+def _entries(blob: bytes) -> array:
+    a = array("I")
+    a.frombytes(blob)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of the data file that hold data (not holes)."""
+    extents, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, end))
+        pos = end
+    return extents
+
+
+def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engine_refs: bytes | None,
+          *, data: bool = False) -> CheckReport:
+    report = CheckReport()
+    bad = report.problems
+    for message in meta.check_integrity():
+        bad.append(Problem(f"SQLite integrity: {message}", "metadata"))
+    file_size = os.fstat(data_fd).st_size
+    nslots = -(-file_size // chunk_size)
+    report.slots = nslots
+
+    rows = {row.id: row for row in meta.snapshots()}
+    pages = dict(meta.pages())
+    report.snapshots, report.pages = len(rows), len(pages)
+    for row in rows.values():
+        where = f"snapshot {row.key!r}"
+        if row.parent is not None:
+            parent = rows.get(row.parent)
+            if parent is None:
+                bad.append(Problem(f"parent id {row.parent} does not exist", where))
+            elif parent.kind != "committed":
+                bad.append(Problem(f"parent {parent.key!r} is {parent.kind}, not committed", where))
+            elif parent.size != row.size:
+                bad.append(Problem(f"size {row.size} differs from its parent's {parent.size}", where))
+        seen, s = set(), row
+        while s is not None and s.parent is not None:
+            if s.id in seen:
+                bad.append(Problem("the parent chain has a cycle", where))
+                break
+            seen.add(s.id)
+            s = rows.get(s.parent)
+
+    page_refs: dict[int, int] = {}
+
+    def npages_of(size: int) -> int:
+        return -(-(-(-size // chunk_size)) // page_entries)
+
+    for row in rows.values():
+        where = f"snapshot {row.key!r}"
+        ids = array("Q")
+        if len(row.directory) % 8:
+            bad.append(Problem("map directory length is not a multiple of 8", where))
+            continue
+        ids.frombytes(row.directory)
+        if sys.byteorder != "little":
+            ids.byteswap()
+        if len(ids) != npages_of(row.size):
+            bad.append(Problem(f"map directory has {len(ids)} pages, expected {npages_of(row.size)}", where))
+        for page_id in ids:
+            if page_id == 0:
+                continue
+            if page_id not in pages:
+                bad.append(Problem(f"map names page {page_id}, which does not exist", where))
+                continue
+            page_refs[page_id] = page_refs.get(page_id, 0) + 1
+
+    refs = array("I", bytes(4 * (nslots + 1)))
+    for page_id, blob in pages.items():
+        if page_id not in page_refs:
+            report.leaked_pages.append(page_id)
+            continue
+        where = f"page {page_id}"
+        if len(blob) != 4 * page_entries:
+            bad.append(Problem(f"page has {len(blob)} bytes, expected {4 * page_entries}", where))
+            continue
+        for slot in _entries(blob):
+            if slot == 0:
+                continue
+            if slot > nslots:
+                bad.append(Problem(f"names slot {slot}, past the end of the data file ({nslots} slots)", where))
+                continue
+            refs[slot] += 1
+    report.referenced_slots = sum(1 for r in refs if r)
+
+    if engine_refs is not None:
+        held = _entries(engine_refs)
+        for slot in range(1, max(len(held), len(refs))):
+            want = refs[slot] if slot < len(refs) else 0
+            have = held[slot] if slot < len(held) else 0
+            if want != have:
+                bad.append(Problem(f"refcount is {have} in memory but the maps reference it {want} times",
+                                   f"slot {slot}"))
+
+    for start, end in _data_extents(data_fd, file_size):
+        for slot in range(start // chunk_size + 1, -(-end // chunk_size) + 1):
+            if slot <= nslots and refs[slot] == 0:
+                report.leaked_slots.append(slot)
+
+    if data:
+        buf = bytearray(chunk_size)
+        for slot in range(1, nslots + 1):
+            if refs[slot]:
+                got = os.preadv(data_fd, [buf], (slot - 1) * chunk_size)
+                report.chunks_read += 1
+                if got != chunk_size and slot * chunk_size <= file_size:
+                    bad.append(Problem(f"short read: {got} of {chunk_size} bytes", f"slot {slot}"))
+    return report

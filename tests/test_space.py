@@ -1,0 +1,101 @@
+"""Space: pool totals, the pool limit, giving space back, and the integrity check."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+import cowstore
+from cowstore import errors
+
+from .conftest import CHUNK, SIZE
+
+
+def test_stats_count_used_free_pending_and_sharing(store):
+    vol = store.prepare("a")
+    vol.pwrite(b"x" * (4 * CHUNK), 0)
+    store.commit("img", "a")
+    store.prepare("c1", "img")
+    store.prepare("c2", "img").pwrite(b"y", 0)
+    stats = store.stats()
+    assert (stats.chunk_size, stats.slots, stats.used, stats.snapshots) == (CHUNK, 5, 5, 3)
+    assert stats.logical_bytes == 12 * CHUNK
+    assert stats.sharing_ratio == pytest.approx(12 / 5)
+    store.prepare("c2-gone", "img")
+    store.mounts("c2").discard(0, CHUNK)
+    assert store.stats().pending == 1
+    store.flush()
+    assert (store.stats().pending, store.stats().free) == (0, 1)
+
+
+def test_pool_limit_refuses_new_chunks_with_no_space_and_harms_nothing(engine):
+    store = cowstore.memory(chunk_size=CHUNK, default_size=SIZE, max_bytes=3 * CHUNK, engine=engine)
+    vol = store.prepare("a")
+    vol.pwrite(b"a" * (3 * CHUNK), 0)
+    with pytest.raises(errors.NoSpace) as info:
+        vol.pwrite(b"b", 5 * CHUNK)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    vol.pwrite(b"in place", 10)
+    assert vol.pread(3 * CHUNK, 0) == b"a" * 10 + b"in place" + b"a" * (3 * CHUNK - 18)
+    vol.discard(0, CHUNK)
+    vol.pwrite(b"b", 5 * CHUNK)
+    assert vol.pread(1, 5 * CHUNK) == b"b"
+    assert store.check().ok
+
+
+def test_pool_limit_is_kept_across_reopen(disk_store, tmp_path):
+    s = disk_store(max_bytes=2 * CHUNK)
+    s.close()
+    s = disk_store()
+    assert s.max_bytes == 2 * CHUNK
+    with pytest.raises(errors.NoSpace):
+        s.prepare("a").pwrite(b"z" * (3 * CHUNK), 0)
+
+
+def test_compact_gives_space_back_after_removes(disk_store, tmp_path):
+    s = disk_store()
+    vol = s.prepare("a")
+    vol.pwrite(os.urandom(64 * CHUNK), 0)
+    s.prepare("b").pwrite(os.urandom(8 * CHUNK), 0)
+    s.flush()
+    data = tmp_path / "store" / "data"
+    full = os.stat(data).st_blocks * 512
+    s.remove("a")
+    s.flush()
+    assert s.compact() >= 64 * CHUNK
+    assert os.stat(data).st_blocks * 512 <= full - 60 * CHUNK
+    assert s.mounts("b").pread(CHUNK, 0) != bytes(CHUNK)
+    report = s.check()
+    assert report.ok and report.leaks == 0
+
+
+def test_check_of_a_healthy_store_is_clean(store):
+    vol = store.prepare("a")
+    vol.pwrite(os.urandom(5 * CHUNK), 100)
+    store.commit("c", "a")
+    store.prepare("b", "c").pwrite(b"x", 0)
+    report = store.check(data=True)
+    assert report.ok, report.problems
+    assert (report.snapshots, report.referenced_slots) == (2, 7)
+    assert report.chunks_read == 7
+
+
+def test_check_reports_freed_space_as_leaks_until_compacted(disk_store):
+    s = disk_store()
+    s.prepare("a").pwrite(os.urandom(4 * CHUNK), 0)
+    s.prepare("b").pwrite(os.urandom(4 * CHUNK), 0)
+    s.remove("a")
+    report = s.check()
+    assert report.ok and len(report.leaked_slots) == 4
+    assert s.repair().leaks == 0
+
+
+def test_check_finds_a_page_naming_a_slot_past_the_data_file(disk_store, tmp_path):
+    s = disk_store()
+    s.prepare("a").pwrite(b"x" * CHUNK, 0)
+    s.close()
+    os.truncate(tmp_path / "store" / "data", 0)
+    with pytest.raises(errors.Corruption):
+        disk_store()
