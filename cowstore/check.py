@@ -13,6 +13,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
+from .errors import Corruption
 from .metadata import Metadata
 
 
@@ -78,8 +79,12 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
     nslots = -(-file_size // chunk_size)
     report.slots = nslots
 
-    rows = {row.id: row for row in meta.snapshots()}
-    pages = dict(meta.pages())
+    try:
+        rows = {row.id: row for row in meta.snapshots()}
+        pages = dict(meta.pages())
+    except Corruption as exc:
+        bad.append(Problem(str(exc), "metadata"))
+        return report
     report.snapshots, report.pages = len(rows), len(pages)
     for row in rows.values():
         where = f"snapshot {row.key!r}"

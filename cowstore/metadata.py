@@ -1,17 +1,20 @@
 """The store's metadata in SQLite: settings, the snapshot table and map pages.
 
 One database, one transaction per durable step (WAL, synchronous=FULL): a snapshot row and
-the pages its map names can never drift apart after a crash.
+the pages its map names can never drift apart after a crash. Every map page and every map
+directory carries a CRC-32 of its own, checked when the store opens, so a damaged
+reference is caught before it sends a read to the wrong chunk.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import Corruption, InvalidArgument
+from .errors import Corruption, Error, InvalidArgument, NoSpace
 
 FORMAT = "cowstore"
 FORMAT_VERSION = 1
@@ -27,9 +30,10 @@ CREATE TABLE snapshots (
     created INTEGER NOT NULL,
     updated INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    directory BLOB NOT NULL
+    directory BLOB NOT NULL,
+    directory_crc INTEGER NOT NULL
 );
-CREATE TABLE pages (id INTEGER PRIMARY KEY, entries BLOB NOT NULL);
+CREATE TABLE pages (id INTEGER PRIMARY KEY, entries BLOB NOT NULL, crc INTEGER NOT NULL);
 """
 
 
@@ -92,23 +96,55 @@ class Metadata:
             db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (name, value))
 
     def snapshots(self) -> list[Row]:
-        rows = self._db.execute(
-            "SELECT id, key, kind, parent, labels, created, updated, size, directory FROM snapshots ORDER BY id"
-        )
-        return [Row(r[0], r[1], r[2], r[3], json.loads(r[4]), *r[5:]) for r in rows]
+        """Every snapshot row, parents before children; damaged rows raise `Corruption`."""
+        with _damage("snapshot table"):
+            rows = list(self._db.execute(
+                "SELECT id, key, kind, parent, labels, created, updated, size, directory, directory_crc "
+                "FROM snapshots ORDER BY id"
+            ))
+            result = []
+            for r in rows:
+                if not isinstance(r[8], bytes) or zlib.crc32(r[8]) != r[9]:
+                    raise Corruption(f"the map directory of snapshot {r[1]!r} fails its checksum")
+                labels = json.loads(r[4])
+                if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                    raise Corruption(f"the labels of snapshot {r[1]!r} are damaged")
+                result.append(Row(r[0], r[1], r[2], r[3], labels, *r[5:9]))
+            return result
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
-        yield from self._db.execute("SELECT id, entries FROM pages")
+        """Every map page; one that fails its checksum raises `Corruption`."""
+        with _damage("page table"):
+            for page_id, entries, crc in self._db.execute("SELECT id, entries, crc FROM pages"):
+                if not isinstance(entries, bytes) or zlib.crc32(entries) != crc:
+                    raise Corruption(f"map page {page_id} fails its checksum")
+                yield page_id, entries
 
     def transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
     def check_integrity(self) -> list[str]:
-        return [r[0] for r in self._db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+        with _damage("integrity check"):
+            return [r[0] for r in self._db.execute("PRAGMA integrity_check") if r[0] != "ok"]
+
+
+class _damage:
+    """Turns SQLite's errors while reading into `Corruption` naming what was being read."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None and issubclass(kind, (sqlite3.DatabaseError, ValueError, TypeError)) \
+                and not issubclass(kind, Error):
+            raise Corruption(f"the metadata database is damaged ({self._what}): {value}") from value
 
 
 class _Transaction:
-    """`with` block that commits on success and rolls back on error."""
+    """`with` block that commits on success and rolls back on error; a full disk is `NoSpace`."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
@@ -119,21 +155,30 @@ class _Transaction:
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error as exc:
+                kind, value = type(exc), exc
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")
+        if issubclass(kind, sqlite3.Error):
+            if getattr(value, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                raise NoSpace(f"the metadata database cannot grow: {value}") from value
+            raise Error(f"the metadata database failed: {value}") from value
 
 
 def insert_snapshot(db: sqlite3.Connection, row: Row) -> None:
     db.execute(
-        "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (row.id, row.key, row.kind, row.parent, json.dumps(row.labels), row.created, row.updated, row.size,
-         row.directory),
+         row.directory, zlib.crc32(row.directory)),
     )
 
 
 def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> None:
     """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
-    db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?)", pages)
+    db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", [(i, e, zlib.crc32(e)) for i, e in pages])
     db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in dead_pages])
-    db.executemany("UPDATE snapshots SET directory = ? WHERE id = ?", [(d, i) for i, d in directories])
+    db.executemany("UPDATE snapshots SET directory = ?, directory_crc = ? WHERE id = ?",
+                   [(d, zlib.crc32(d), i) for i, d in directories])
