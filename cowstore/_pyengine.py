@@ -6,9 +6,16 @@ pages of `page_entries` slot numbers. Pages are shared between maps and refcount
 write into a shared page copies the page first. Slot refcounts count (page, entry)
 references, so they are derived state, rebuilt by `finish_load`.
 
-Both engines have this exact interface and read and write the same bytes: page entries
-are little-endian uint32 slots, a map directory is little-endian uint64 page ids (0 = no
-page: every entry unallocated). Policy (names, kinds, SQLite, errors) lives in the store.
+Every entry carries the CRC-32 of its chunk beside the slot number (as a ZFS block
+pointer carries its block's checksum): `seal` computes the missing ones when a snapshot is
+committed, a write that changes a chunk clears its sum, and with `set_verify(True)` every
+read of a chunk with a sum checks it. A sum of 0 means "not computed"; a real CRC of 0 is
+kept as 1.
+
+Both engines have this exact interface and read and write the same bytes: a page is
+`page_entries` little-endian uint32 slots followed by as many uint32 sums; a map directory
+is little-endian uint64 page ids (0 = no page: every entry unallocated). Policy (names,
+kinds, SQLite, errors) lives in the store.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import zlib
 from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -50,13 +58,19 @@ def _from_le(typecode: str, blob: bytes) -> array:
     return a
 
 
-class _Page:
-    __slots__ = ("id", "refs", "entries")
+def chunk_sum(data) -> int:
+    """The checksum kept for a chunk: CRC-32, with 0 (meaning "none yet") kept as 1."""
+    return zlib.crc32(data) or 1
 
-    def __init__(self, page_id: int, entries: array) -> None:
+
+class _Page:
+    __slots__ = ("entries", "id", "refs", "sums")
+
+    def __init__(self, page_id: int, entries: array, sums: array) -> None:
         self.id = page_id
         self.refs = 0
         self.entries = entries
+        self.sums = sums
 
 
 class _Map:
@@ -80,6 +94,7 @@ class Engine:
         self._cs = chunk_size
         self._pe = page_entries
         self._zeros = bytes(chunk_size)
+        self._verify = False
         self._lock = threading.RLock()
         self._maps: dict[int, _Map] = {}
         self._loaded: dict[int, _Page] = {}
@@ -103,13 +118,14 @@ class Engine:
 
     # -- loading -------------------------------------------------------------
 
-    def load_page(self, page_id: int, entries: bytes) -> None:
+    def load_page(self, page_id: int, blob: bytes) -> None:
         """Register a stored page; only valid before `finish_load`."""
-        if len(entries) != 4 * self._pe:
-            raise ValueError(f"page {page_id} has {len(entries)} bytes, expected {4 * self._pe}")
+        if len(blob) != 8 * self._pe:
+            raise ValueError(f"page {page_id} has {len(blob)} bytes, expected {8 * self._pe}")
         if page_id <= 0 or page_id in self._loaded:
             raise ValueError(f"page id {page_id} is invalid or repeated")
-        self._loaded[page_id] = _Page(page_id, _from_le("I", entries))
+        half = 4 * self._pe
+        self._loaded[page_id] = _Page(page_id, _from_le("I", blob[:half]), _from_le("I", blob[half:]))
         self._next_page_id = max(self._next_page_id, page_id + 1)
 
     def load_map(self, map_id: int, nchunks: int, directory: bytes) -> None:
@@ -149,6 +165,10 @@ class Engine:
         self._nslots = nslots
         self._free = [s for s in range(nslots, 0, -1) if refs[s] == 0]
         self._loaded = {}
+
+    def set_verify(self, verify: bool) -> None:
+        """Check the sum of every chunk read that has one; a mismatch raises `Corruption`."""
+        self._verify = bool(verify)
 
     def set_max_slots(self, max_slots: int) -> None:
         """Limit the pool: allocating beyond `max_slots` raises `NoSpace`."""
@@ -210,6 +230,12 @@ class Engine:
                 piece = mv[pos : pos + length]
                 if slot == 0:
                     piece[:] = self._zeros[:length]
+                elif self._verify and self._sum(m, chunk):
+                    whole = bytearray(self._cs)
+                    self._pread_into(memoryview(whole), (slot - 1) * self._cs)
+                    if chunk_sum(whole) != self._sum(m, chunk):
+                        raise Corruption(f"chunk {chunk} (slot {slot}) of map {map_id} fails its checksum")
+                    piece[:] = whole[within : within + length]
                 else:
                     self._pread_into(piece, (slot - 1) * self._cs + within)
 
@@ -234,8 +260,26 @@ class Engine:
                         i = chunk % self._pe
                         self._decref(page.entries[i])
                         page.entries[i] = 0
+                        page.sums[i] = 0
                 else:
                     self._write_chunk(m, chunk, within, memoryview(self._zeros)[:n])
+
+    def seal(self, map_id: int) -> int:
+        """Compute the missing chunk sums of a map (at commit); returns how many it computed."""
+        with self._lock:
+            m = self._map(map_id)
+            buf = bytearray(self._cs)
+            count = 0
+            for page in m.pages:
+                if page is None:
+                    continue
+                for i, slot in enumerate(page.entries):
+                    if slot and not page.sums[i]:
+                        self._pread_into(memoryview(buf), (slot - 1) * self._cs)
+                        page.sums[i] = chunk_sum(buf)
+                        self._dirty_pages[page.id] = page
+                        count += 1
+            return count
 
     def flush_data(self) -> None:
         os.fsync(self._fd)
@@ -331,7 +375,7 @@ class Engine:
     def take_changes(self) -> Changes:
         """Hand over everything changed since the last call; the caller makes it durable."""
         with self._lock:
-            pages = [(p.id, _le(p.entries)) for p in self._dirty_pages.values()]
+            pages = [(p.id, _le(p.entries) + _le(p.sums)) for p in self._dirty_pages.values()]
             maps = [(i, self._directory(self._maps[i])) for i in sorted(self._dirty_maps)]
             changes = Changes(pages, self._dead_pages, maps, self._pending)
             self._dirty_pages = {}
@@ -375,8 +419,12 @@ class Engine:
         page = m.pages[chunk // self._pe]
         return 0 if page is None else page.entries[chunk % self._pe]
 
-    def _new_page(self, entries: array) -> _Page:
-        page = _Page(self._next_page_id, entries)
+    def _sum(self, m: _Map, chunk: int) -> int:
+        page = m.pages[chunk // self._pe]
+        return 0 if page is None else page.sums[chunk % self._pe]
+
+    def _new_page(self, entries: array, sums: array) -> _Page:
+        page = _Page(self._next_page_id, entries, sums)
         self._next_page_id += 1
         page.refs = 1
         self._dirty_pages[page.id] = page
@@ -389,9 +437,9 @@ class Engine:
             self._dirty_pages[page.id] = page
             return page
         if page is None:
-            fresh = self._new_page(array("I", bytes(4 * self._pe)))
+            fresh = self._new_page(array("I", bytes(4 * self._pe)), array("I", bytes(4 * self._pe)))
         else:
-            fresh = self._new_page(array("I", page.entries))
+            fresh = self._new_page(array("I", page.entries), array("I", page.sums))
             for slot in fresh.entries:
                 if slot:
                     self._refs[slot] += 1
@@ -434,16 +482,17 @@ class Engine:
         if old == 0 and zero:
             return
         full = n == self._cs
-        if old and self._refs[old] == 1 and not (full and zero) and m.pages[chunk // self._pe].refs == 1:
-            self._pwrite(piece, (old - 1) * self._cs + within)
+        page = m.pages[chunk // self._pe]
+        i = chunk % self._pe
+        if old and self._refs[old] == 1 and not (full and zero) and page.refs == 1:
+            self._write_in_place(page, i, piece, (old - 1) * self._cs + within)
             return
         page = self._page_for_write(m, chunk // self._pe)
-        i = chunk % self._pe
         old = page.entries[i]
         if full and zero:
             new = 0
         elif old and self._refs[old] == 1:
-            self._pwrite(piece, (old - 1) * self._cs + within)
+            self._write_in_place(page, i, piece, (old - 1) * self._cs + within)
             return
         else:
             if full:
@@ -462,8 +511,15 @@ class Engine:
                 self._free.append(new)
                 raise
         page.entries[i] = new
+        page.sums[i] = 0
         if old:
             self._decref(old)
+
+    def _write_in_place(self, page: _Page, i: int, piece: memoryview, offset: int) -> None:
+        if page.sums[i]:
+            page.sums[i] = 0
+            self._dirty_pages[page.id] = page
+        self._pwrite(piece, offset)
 
     def _pwrite(self, data, offset: int) -> None:
         mv = memoryview(data)

@@ -2,8 +2,11 @@
 
 It reads the metadata as SQLite holds it and the data file as the disk holds it, derives
 what must be true (every page named exists, every slot named is inside the pool, the
-snapshot tree has no dangling parent or cycle, slot refcounts equal the references), and
-compares the engine's refcounts with the derived ones.
+snapshot tree has no dangling parent or cycle, slot refcounts equal the references, one
+slot has one checksum), and compares the engine's refcounts with the derived ones. An
+engine refcount below the references would let a write land in place in a chunk that a
+committed snapshot still reads: that is why they must agree. With `data=True` it reads
+every referenced chunk back and checks the sums computed at commit (a scrub).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from array import array
 from dataclasses import dataclass, field
 
 from .errors import Corruption
+from ._pyengine import chunk_sum
 from .metadata import Metadata
 
 
@@ -129,21 +133,28 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
             page_refs[page_id] = page_refs.get(page_id, 0) + 1
 
     refs = array("I", bytes(4 * (nslots + 1)))
+    sums: dict[int, tuple[int, int]] = {}
     for page_id, blob in pages.items():
         if page_id not in page_refs:
             report.leaked_pages.append(page_id)
             continue
         where = f"page {page_id}"
-        if len(blob) != 4 * page_entries:
-            bad.append(Problem(f"page has {len(blob)} bytes, expected {4 * page_entries}", where))
+        if len(blob) != 8 * page_entries:
+            bad.append(Problem(f"page has {len(blob)} bytes, expected {8 * page_entries}", where))
             continue
-        for slot in _entries(blob):
+        half = 4 * page_entries
+        for slot, crc in zip(_entries(blob[:half]), _entries(blob[half:])):
             if slot == 0:
                 continue
             if slot > nslots:
                 bad.append(Problem(f"names slot {slot}, past the end of the data file ({nslots} slots)", where))
                 continue
             refs[slot] += 1
+            if crc:
+                known = sums.setdefault(slot, (crc, page_id))
+                if known[0] != crc:
+                    bad.append(Problem(f"slot {slot} has sum {crc:#x} here but {known[0]:#x} in page {known[1]}",
+                                       where))
     report.referenced_slots = sum(1 for r in refs if r)
 
     if engine_refs is not None:
@@ -168,4 +179,6 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
                 report.chunks_read += 1
                 if got != chunk_size and slot * chunk_size <= file_size:
                     bad.append(Problem(f"short read: {got} of {chunk_size} bytes", f"slot {slot}"))
+                elif slot in sums and chunk_sum(buf) != sums[slot][0]:
+                    bad.append(Problem(f"chunk fails its checksum (named by page {sums[slot][1]})", f"slot {slot}"))
     return report

@@ -144,7 +144,7 @@ class Store:
     """
 
     def __init__(self, *, where: str, meta: metadata.Metadata, data_fd: int, lock_fd: int | None,
-                 settings: dict[str, int], engine: str | None, durable: bool) -> None:
+                 settings: dict[str, int], engine: str | None, durable: bool, verify_reads: bool = False) -> None:
         self._where = where
         self._meta = meta
         self._data_fd = data_fd
@@ -156,6 +156,8 @@ class Store:
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
         self._engine = _backend.engine_class(engine)(data_fd, self.chunk_size, settings["page_entries"])
+        self._engine.set_verify(verify_reads)
+        self.verify_reads: bool = bool(verify_reads)
         self.engine: str = "cython" if type(self._engine).__module__.endswith("_cengine") else "python"
         self._snapshots: dict[str, _Snapshot] = {}
         self._children: dict[int, int] = {}
@@ -253,6 +255,7 @@ class Store:
             now = _now()
             c = _Snapshot(self._next_id, name, Kind.COMMITTED, s.parent, labels, now, now, s.size)
             self._next_id += 1
+            self._engine.seal(s.id)
             # A new map id cuts off writes still in flight on handles of `key`.
             self._engine.clone_map(c.id, s.id)
             self._engine.drop_map(s.id)
@@ -398,9 +401,13 @@ class Store:
                          self._engine.refcounts(), data=data)
 
     def repair(self) -> CheckReport:
-        """Free leaked slots and pages; refuses (`Corruption`) damage it cannot fix safely."""
+        """Free leaked slots and pages; refuses (`Corruption`) damage it cannot fix safely.
+
+        It scrubs first (`check(data=True)`): a store whose data fails its checksums is
+        beyond repair, and is left exactly as it is.
+        """
         with self._lock:
-            report = self.check()
+            report = self.check(data=True)
             if not report.ok:
                 raise Corruption(
                     f"{self._where}: {len(report.problems)} problems need more than a repair can safely do; "
@@ -583,8 +590,13 @@ def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int
 
 
 def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int | None = None,
-         default_size: int | None = None, max_bytes: int | None = None, engine: str | None = None) -> Store:
-    """Open the store at `path`; with `create=True`, create it first if it is missing."""
+         default_size: int | None = None, max_bytes: int | None = None, verify_reads: bool = False,
+         engine: str | None = None) -> Store:
+    """Open the store at `path`; with `create=True`, create it first if it is missing.
+
+    `max_bytes` limits the pool (kept in the store until changed); `verify_reads` checks the
+    checksum of every committed chunk read.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgument(f"path must be a str or path, not {type(path).__name__}")
     path = Path(path).absolute()
@@ -615,7 +627,7 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
                 raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
             try:
                 store = Store(where=str(path), meta=meta, data_fd=data_fd, lock_fd=lock_fd, settings=stored,
-                              engine=engine, durable=True)
+                              engine=engine, durable=True, verify_reads=verify_reads)
                 if max_bytes is not None:
                     meta.set_setting("max_bytes", max_bytes)
                 return store
@@ -631,11 +643,11 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
 
 
 def memory(*, chunk_size: int | None = None, default_size: int | None = None, max_bytes: int | None = None,
-           engine: str | None = None) -> Store:
+           verify_reads: bool = False, engine: str | None = None) -> Store:
     """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
     settings = {**_settings(chunk_size, default_size), "max_bytes": max_bytes}
     meta = metadata.Metadata(":memory:")
     meta.create(settings)
     data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)
     return Store(where=":memory:", meta=meta, data_fd=data_fd, lock_fd=None, settings=settings, engine=engine,
-                 durable=False)
+                 durable=False, verify_reads=verify_reads)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-from .errors import Closed, InvalidArgument, NoSpace, NotFound, ReadOnly
+from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .types import Extent, Kind
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ class Volume:
     def _gone(self) -> NotFound:
         return NotFound(f"snapshot {self.key!r} was committed or removed")
 
+    def _damaged(self, exc: Corruption, offset: int, length: int) -> Corruption:
+        return Corruption(f"snapshot {self.key!r}, read of {length} bytes at offset {offset}: {exc}")
+
     def pread(self, length: int, offset: int) -> bytes:
         """`length` bytes from `offset`."""
         self._check(offset, length)
@@ -63,6 +66,8 @@ class Volume:
             return self._engine.pread(self._id, length, offset)
         except KeyError:
             raise self._gone() from None
+        except Corruption as exc:
+            raise self._damaged(exc, offset, length) from exc
 
     def preadinto(self, buffer, offset: int) -> int:
         """Fill `buffer` (any writable buffer) from `offset`; returns its length in bytes."""
@@ -77,6 +82,8 @@ class Volume:
             self._engine.read(self._id, view, offset)
         except KeyError:
             raise self._gone() from None
+        except Corruption as exc:
+            raise self._damaged(exc, offset, view.nbytes) from exc
         return view.nbytes
 
     def pwrite(self, data, offset: int) -> int:

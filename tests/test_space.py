@@ -99,3 +99,44 @@ def test_check_finds_a_page_naming_a_slot_past_the_data_file(disk_store, tmp_pat
     os.truncate(tmp_path / "store" / "data", 0)
     with pytest.raises(errors.Corruption):
         disk_store()
+
+
+def _flip_committed_chunk(path, slot_offset=0):
+    with open(path / "data", "r+b") as f:
+        f.seek(slot_offset + 17)
+        byte = f.read(1)
+        f.seek(slot_offset + 17)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_verify_reads_raises_corruption_naming_snapshot_and_offset(disk_store, tmp_path):
+    s = disk_store()
+    s.prepare("a").pwrite(b"q" * CHUNK, 0)
+    s.commit("img", "a")
+    s.close()
+    _flip_committed_chunk(tmp_path / "store")
+    s = disk_store(verify_reads=True)
+    child = s.prepare("child", "img")
+    with pytest.raises(errors.Corruption, match=r"'child'.* offset 5"):
+        child.pread(10, 5)
+    report = s.check(data=True)
+    assert not report.ok and "checksum" in report.problems[0].what
+    with pytest.raises(errors.Corruption):
+        s.repair()
+    s.close()
+    s = disk_store(verify_reads=False)
+    assert s.view("v", "img").pread(CHUNK, 0) != b"q" * CHUNK
+
+
+def test_chunks_written_in_place_after_commit_get_fresh_sums(disk_store):
+    s = disk_store(verify_reads=True)
+    a = s.prepare("a")
+    a.pwrite(os.urandom(3 * CHUNK), 0)
+    s.commit("img", "a")
+    b = s.prepare("b", "img")
+    b.pwrite(b"new", 10)
+    b.pwrite(b"again", 20)
+    s.commit("img2", "b")
+    view = s.view("v", "img2")
+    assert view.pread(8, 20)[:5] == b"again"
+    assert s.check(data=True).ok
