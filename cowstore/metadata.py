@@ -58,6 +58,9 @@ class Metadata:
     def __init__(self, path: str) -> None:
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # The store's flock already makes this process the only user: exclusive locking
+            # keeps the WAL index in memory (no -shm file to mmap) and skips lock calls.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as exc:
