@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -10,7 +11,7 @@ from . import _pyengine
 ENGINES: dict[str, type] = {"python": _pyengine.Engine}
 
 try:
-    from . import _cengine
+    _cengine = importlib.import_module("cowstore._cengine")
 except ImportError as exc:
     if os.environ.get("COWSTORE_REQUIRE_EXTENSION"):
         raise ImportError(f"COWSTORE_REQUIRE_EXTENSION is set but the extension is missing: {exc}") from exc
@@ -23,7 +24,7 @@ if os.environ.get("COWSTORE_PURE_PYTHON"):
     DEFAULT = "python"
 elif _missing is not None:
     warnings.warn(
-        f"cowstore's Cython extension is not built ({_missing}); using the slow pure-Python engine",
+        f"cowstore's Cython engine cannot be imported ({_missing}); using the slow pure-Python engine",
         RuntimeWarning,
         stacklevel=2,
     )
