@@ -32,9 +32,9 @@ def need(tool: str) -> str:
     return path
 
 
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(*argv: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess:
     need(argv[0])
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, cwd=cwd)
     if check and proc.returncode:
         raise AssertionError(f"{argv} failed with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -215,7 +215,7 @@ def test_nbdcopy_writes_over_several_connections_into_an_active_export(server, c
     assert chain.content("dest") == source
 
 
-def test_fio_randrw_with_crc32c_verification_passes(server, chain):
+def test_fio_randrw_with_crc32c_verification_passes(server, chain, tmp_path):
     chain.store.prepare("fio", size=SIZE)
     proc = run(
         "fio",
@@ -229,7 +229,9 @@ def test_fio_randrw_with_crc32c_verification_passes(server, chain):
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--runtime=60",
+        cwd=tmp_path,
     )
     assert "err= 0" in proc.stdout
     assert "verify" not in proc.stderr.lower()
