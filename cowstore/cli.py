@@ -1,0 +1,784 @@
+"""The `cowstore` command: a store's snapshots, images and NBD exports from the shell.
+
+Every command opens the store, does one thing and closes it, so the store's lock is held
+only while a command runs (and for as long as `serve` serves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from . import imageio
+from . import store as store_module
+from .check import CheckReport
+from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
+from .store import Store
+from .types import Info, Kind
+
+PROG = "cowstore"
+STORE_ENV = "COWSTORE_STORE"
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(i?b)?|(b))?", re.IGNORECASE)
+
+
+class UsageError(Exception):
+    """A value on the command line that argparse accepted but the command cannot use."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "4096", "64K", "1.5GiB", "10G"...: every suffix is a binary multiple (as in qemu-img)."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r}: use bytes or a suffix K, M, G, T or P (also KiB, MB...)")
+    unit = _UNITS[(m.group(2) or "").lower()]
+    try:
+        value = Decimal(m.group(1)) * unit
+    except InvalidOperation:
+        raise UsageError(f"invalid size {text!r}") from None
+    if value != value.to_integral_value():
+        raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """A byte count for people: "0 B", "512 B", "64 KiB", "1.5 GiB"."""
+    for shift, name in ((50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        unit = 1 << shift
+        if n >= unit:
+            value = n / unit
+            text = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+            return f"{text} {name}"
+    return f"{n} B"
+
+
+def default_store_path() -> Path:
+    """$COWSTORE_STORE, else $XDG_DATA_HOME/cowstore, else ~/.local/share/cowstore."""
+    env = os.environ.get(STORE_ENV)
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "cowstore"
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    return Path(args.store).expanduser() if args.store else default_store_path()
+
+
+@contextlib.contextmanager
+def _open_store(args: argparse.Namespace) -> Iterator[Store]:
+    path = _store_path(args)
+    if not (path / store_module.META_FILE).exists() and not (path.is_dir() and any(path.iterdir())):
+        raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
+    with store_module.open(path) as store:
+        yield store
+
+
+def _parse_labels(pairs: Sequence[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"invalid label {pair!r}: use KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+# -- output ------------------------------------------------------------------
+
+
+def _emit_json(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def _short_time(when: datetime | None) -> str:
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else "-"
+
+
+def _info_json(info: Info) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "kind": info.kind.value,
+        "parent": info.parent,
+        "labels": dict(info.labels),
+        "created": _iso(info.created),
+        "updated": _iso(info.updated),
+        "size": info.size,
+    }
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _show_info(args: argparse.Namespace, info: Info) -> None:
+    if args.json:
+        _emit_json(_info_json(info))
+        return
+    print(f"name:     {info.name}")
+    print(f"kind:     {info.kind.value}")
+    print(f"parent:   {info.parent or '-'}")
+    print(f"size:     {format_size(info.size)} ({info.size} bytes)")
+    print(f"created:  {_short_time(info.created)}")
+    print(f"updated:  {_short_time(info.updated)}")
+    print("labels:" + ("" if info.labels else "   -"))
+    for k, v in sorted(info.labels.items()):
+        print(f"  {k}={v}")
+
+
+class _Progress:
+    """A progress bar on stderr when it is a terminal (tqdm if installed); silent otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self._total = max(total, 1)
+        self._label = label
+        self._done = 0
+        self._shown = -1
+        self._bar: Any = None
+        self._enabled = sys.stderr.isatty()
+        if self._enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+            )
+
+    def __call__(self, n: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        self._done += n
+        percent = self._done * 100 // self._total
+        if percent != self._shown:
+            self._shown = percent
+            sys.stderr.write(f"\r{self._label}: {percent}%")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        elif self._shown >= 0:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _progress(total: int, label: str) -> Iterator[_Progress]:
+    bar = _Progress(total, label)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# -- commands ----------------------------------------------------------------
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path = _store_path(args)
+    chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
+    default_size = parse_size(args.default_size) if args.default_size is not None else None
+    existed = (path / store_module.META_FILE).exists()
+    if not existed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with store_module.open(path, create=True, chunk_size=chunk_size, default_size=default_size) as store:
+        figures = {
+            "path": str(path.absolute()),
+            "created": not existed,
+            "chunk_size": store.chunk_size,
+            "default_size": store.default_size,
+        }
+    if args.json:
+        _emit_json(figures)
+    else:
+        what = "created store" if not existed else "store exists"
+        print(
+            f"{what} at {figures['path']} (chunk size {format_size(store.chunk_size)}, "
+            f"default size {format_size(store.default_size)})"
+        )
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        infos = list(store.walk(*args.filters))
+    if args.json:
+        _emit_json([_info_json(i) for i in infos])
+    else:
+        rows = [
+            [
+                i.name,
+                i.kind.value,
+                i.parent or "-",
+                format_size(i.size),
+                _short_time(i.created),
+                _labels_text(i.labels),
+            ]
+            for i in infos
+        ]
+        _table(["NAME", "KIND", "PARENT", "SIZE", "CREATED", "LABELS"], rows)
+    return 0
+
+
+def _cmd_stat(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        info = store.stat(args.key)
+    _show_info(args, info)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    labels = _parse_labels(args.label)
+    size = parse_size(args.size) if args.size is not None else None
+    with _open_store(args) as store:
+        store.prepare(args.key, args.parent, size=size, labels=labels).close()
+        info = store.stat(args.key)
+    if args.json:
+        _emit_json(_info_json(info))
+    return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    labels = _parse_labels(args.label)
+    with _open_store(args) as store:
+        store.view(args.key, args.parent, labels=labels).close()
+        info = store.stat(args.key)
+    if args.json:
+        _emit_json(_info_json(info))
+    return 0
+
+
+def _cmd_commit(args: argparse.Namespace) -> int:
+    labels = _parse_labels(args.label)
+    with _open_store(args) as store:
+        store.commit(args.name, args.key, labels=labels)
+        info = store.stat(args.name)
+    if args.json:
+        _emit_json(_info_json(info))
+    return 0
+
+
+def _cmd_rm(args: argparse.Namespace) -> int:
+    """Removes every key given; children named too go first, so `rm base child` works."""
+    failed = False
+    with _open_store(args) as store:
+        pending = list(dict.fromkeys(args.keys))
+        while pending:
+            blocked: list[str] = []
+            for key in pending:
+                try:
+                    store.remove(key)
+                except FailedPrecondition:
+                    blocked.append(key)
+                except Error as exc:
+                    _error(exc)
+                    failed = True
+            if len(blocked) == len(pending):
+                for key in blocked:
+                    try:
+                        store.remove(key)
+                    except Error as exc:
+                        _error(exc)
+                        failed = True
+                break
+            pending = blocked
+    return 1 if failed else 0
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    changes = _parse_labels(args.labels)
+    with _open_store(args) as store:
+        info = store.stat(args.key)
+        if changes:
+            info = store.update(dataclasses.replace(info, labels=changes), *(f"labels.{k}" for k in changes))
+    if args.json:
+        _emit_json(_info_json(info))
+    else:
+        for k, v in sorted(info.labels.items()):
+            print(f"{k}={v}")
+    return 0
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        usage = store.usage(args.key)
+    if args.json:
+        _emit_json({"size": usage.size, "chunks": usage.chunks})
+    else:
+        print(f"size:    {format_size(usage.size)} ({usage.size} bytes)")
+        print(f"chunks:  {usage.chunks}")
+    return 0
+
+
+def _cmd_df(args: argparse.Namespace) -> int:
+    path = _store_path(args)
+    with _open_store(args) as store:
+        infos = list(store.walk())
+        stats = store.stats()
+        apparent = os.stat(path / store_module.DATA_FILE).st_size
+    figures: dict[str, Any] = {
+        "path": str(path.absolute()),
+        "chunk_size": stats.chunk_size,
+        "default_size": store.default_size,
+        "max_bytes": stats.max_bytes,
+        "snapshots": stats.snapshots,
+        "kinds": {k.value: sum(1 for i in infos if i.kind is k) for k in Kind},
+        "slots": stats.slots,
+        "used": stats.used,
+        "free": stats.free,
+        "pending": stats.pending,
+        "used_bytes": stats.used * stats.chunk_size,
+        "logical_bytes": stats.logical_bytes,
+        "sharing_ratio": stats.sharing_ratio,
+        "disk_bytes": stats.disk_bytes,
+        "apparent_bytes": apparent,
+    }
+    if args.json:
+        _emit_json(figures)
+        return 0
+    kinds = ", ".join(f"{n} {k}" for k, n in figures["kinds"].items() if n)
+    limit = format_size(stats.max_bytes) if stats.max_bytes is not None else "none"
+    print(f"store:          {figures['path']}")
+    print(f"chunk size:     {format_size(stats.chunk_size)}")
+    print(f"default size:   {format_size(store.default_size)}")
+    print(f"pool limit:     {limit}")
+    print(f"snapshots:      {stats.snapshots}" + (f" ({kinds})" if kinds else ""))
+    print(
+        f"chunks:         {stats.used} used, {stats.free} free, {stats.pending} pending, {stats.slots} slots"
+    )
+    print(f"used:           {format_size(figures['used_bytes'])}")
+    print(f"logical:        {format_size(stats.logical_bytes)} (sharing ratio {stats.sharing_ratio:.2f})")
+    print(f"data file:      {format_size(stats.disk_bytes)} on disk, {format_size(apparent)} apparent")
+    return 0
+
+
+def _cmd_tree(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        infos = list(store.walk())
+        usage = {i.name: store.usage(i.name) for i in infos}
+    children: dict[str | None, list[Info]] = {}
+    for info in infos:
+        children.setdefault(info.parent, []).append(info)
+    if args.json:
+        nodes = {
+            i.name: {
+                "name": i.name,
+                "kind": i.kind.value,
+                "size": i.size,
+                "usage": {"size": usage[i.name].size, "chunks": usage[i.name].chunks},
+                "children": [],
+            }
+            for i in infos
+        }
+        for info in infos:
+            if info.parent is not None:
+                nodes[info.parent]["children"].append(nodes[info.name])
+        _emit_json([nodes[i.name] for i in children.get(None, [])])
+        return 0
+    stack: list[tuple[Info, str, str]] = [(i, "", "") for i in reversed(children.get(None, []))]
+    while stack:
+        info, lead, rest = stack.pop()
+        print(
+            f"{lead}{info.name}  ({info.kind.value}, {format_size(info.size)}, "
+            f"exclusive {format_size(usage[info.name].size)})"
+        )
+        kids = children.get(info.name, [])
+        for n, kid in reversed(list(enumerate(kids))):
+            last = n == len(kids) - 1
+            stack.append((kid, rest + ("└── " if last else "├── "), rest + ("    " if last else "│   ")))
+    return 0
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        chain = [args.key]
+        while (parent := store.stat(chain[-1]).parent) is not None:
+            chain.append(parent)
+        size = store.stat(args.key).size
+        found = list(imageio.extents(lambda o, n: store.map(args.key, o, n), size, store.chunk_size))
+    entries = [
+        {
+            "start": e.offset,
+            "length": e.length,
+            "depth": e.depth - 1 if e.depth else len(chain) - 1,
+            "present": e.depth > 0,
+            "zero": e.zero,
+            "data": e.allocated,
+        }
+        for e in found
+    ]
+    if args.json:
+        _emit_json(entries)
+        return 0
+    rows = []
+    for e in found:
+        state = "data" if e.allocated else "zero" if e.depth else "unallocated"
+        rows.append([str(e.offset), str(e.length), state, chain[e.depth - 1] if e.depth else "-"])
+    _table(["START", "LENGTH", "STATE", "LAYER"], rows)
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        end = max(store.stat(args.a).size, store.stat(args.b).size)
+        ranges = [(o, min(n, end - o)) for o, n in store.diff(args.a, args.b)]
+    total = sum(n for _, n in ranges)
+    if args.json:
+        _emit_json({"ranges": [{"offset": o, "length": n} for o, n in ranges], "total": total})
+        return 0
+    if not ranges:
+        print("no differences")
+        return 0
+    _table(["OFFSET", "LENGTH"], [[str(o), str(n)] for o, n in ranges])
+    print(f"total: {format_size(total)} ({total} bytes) in {len(ranges)} range{'s' * (len(ranges) != 1)}")
+    return 0
+
+
+def _exists(store: Store, key: str) -> bool:
+    try:
+        store.stat(key)
+    except NotFound:
+        return False
+    return True
+
+
+def _transfer_json(t: imageio.Transfer) -> dict[str, int]:
+    return dataclasses.asdict(t)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    labels = _parse_labels(args.label)
+    with _open_store(args) as store:
+        if args.commit is not None and _exists(store, args.commit):
+            raise AlreadyExists(f"snapshot {args.commit!r} already exists")
+        with _progress(imageio.image_size(args.file), f"import {args.key}") as bar:
+            result = imageio.import_image(
+                store,
+                args.file,
+                args.key,
+                parent=args.parent,
+                labels=None if args.commit else labels,
+                progress=bar,
+            )
+        if args.commit is not None:
+            store.commit(args.commit, args.key, labels=labels)
+        name = args.commit or args.key
+        usage = store.usage(name)
+    if args.json:
+        usage_json = {"size": usage.size, "chunks": usage.chunks}
+        _emit_json({"name": name, **_transfer_json(result), "usage": usage_json})
+    else:
+        print(
+            f"imported {args.file} as {name}: {format_size(result.size)}, "
+            f"{format_size(result.written)} written, {format_size(result.zeroed)} zeroed, "
+            f"{format_size(result.skipped)} skipped"
+        )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    with (
+        _open_store(args) as store,
+        imageio.snapshot_volume(store, args.key) as vol,
+        _progress(vol.size, f"export {args.key}") as bar,
+    ):
+        result = imageio.export_volume(vol, args.file, store.chunk_size, progress=bar)
+    if args.json:
+        _emit_json({"name": args.key, **_transfer_json(result)})
+    else:
+        print(
+            f"exported {args.key} to {args.file}: {format_size(result.size)}, "
+            f"{format_size(result.written)} written, {format_size(result.skipped)} left sparse"
+        )
+    return 0
+
+
+CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS = 0, 2, 3
+
+
+def check_status(report: CheckReport) -> int:
+    """qemu-img check's exit code: 0 clean, 2 corrupted, 3 only leaks (1, check failed, is an error)."""
+    if not report.ok:
+        return CHECK_CORRUPT
+    return CHECK_LEAKS if report.leaks else CHECK_CLEAN
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Checks, and with --repair frees leaks; corruption is reported, never "repaired"."""
+    with _open_store(args) as store:
+        report = store.check(data=args.data)
+        found = report.leaks
+        if args.repair and report.ok and report.leaks:
+            report = store.repair()
+    fixed = found - report.leaks if args.repair else 0
+    status = check_status(report)
+    if args.json:
+        _emit_json(
+            {
+                "corruptions": len(report.problems),
+                "leaks": report.leaks,
+                "leaks-fixed": fixed,
+                "problems": [{"what": p.what, "where": p.where} for p in report.problems],
+                "leaked-slots": report.leaked_slots,
+                "leaked-pages": report.leaked_pages,
+                "snapshots": report.snapshots,
+                "pages": report.pages,
+                "slots": report.slots,
+                "referenced-slots": report.referenced_slots,
+                "chunks-read": report.chunks_read,
+            }
+        )
+        return status
+    for p in report.problems:
+        print(f"ERROR {p.where}: {p.what}")
+    for slot in report.leaked_slots:
+        print(f"Leaked chunk: slot {slot}")
+    for page in report.leaked_pages:
+        print(f"Leaked map page: page {page}")
+    if fixed:
+        print(f"The following inconsistencies were found and repaired: {fixed} leaks")
+    if report.problems:
+        print(f"{len(report.problems)} errors were found on the store.")
+        if args.repair:
+            print("Corruption cannot be repaired safely; nothing was changed.")
+    if report.leaks:
+        print(f"{report.leaks} leaks were found on the store (space that can be freed with --repair).")
+    if status == CHECK_CLEAN:
+        print("No errors were found on the store.")
+    print(
+        f"{report.snapshots} snapshots, {report.pages} map pages, {report.referenced_slots}/{report.slots} "
+        f"chunks in use" + (f", {report.chunks_read} chunks read" if args.data else "")
+    )
+    return status
+
+
+_LISTEN_RE = re.compile(r"\[(?P<v6>[^\]]+)\]:(?P<port6>\d+)|(?P<host>[^:\[\]]*):(?P<port>\d+)")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """(host, port) from "HOST:PORT", "[IPv6]:PORT" or ":PORT" (loopback)."""
+    m = _LISTEN_RE.fullmatch(text)
+    if not m:
+        raise UsageError(f"invalid --listen {text!r}: use HOST:PORT, [IPV6]:PORT or :PORT")
+    host = m.group("v6") or m.group("host") or "127.0.0.1"
+    port = int(m.group("port6") or m.group("port"))
+    if not 0 <= port <= 65535:
+        raise UsageError(f"invalid --listen {text!r}: port {port} is out of range")
+    return host, port
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen) if args.listen else ("127.0.0.1", 10809)
+    try:
+        from . import nbd
+    except ImportError as exc:
+        raise UsageError(f"the NBD server is not available: {exc}") from exc
+    with _open_store(args) as store:
+        nbd.serve(
+            store,
+            exports=args.export or None,
+            host=host,
+            port=port,
+            socket_path=args.socket,
+            allow_remote=args.allow_remote,
+        )
+    return 0
+
+
+# -- the parser --------------------------------------------------------------
+
+
+_DESCRIPTION = """\
+Manage a cowstore store: copy-on-write snapshots of block devices (containerd's active,
+committed and view kinds), raw image import and export, and NBD exports.
+
+The store is --store PATH, else $COWSTORE_STORE, else $XDG_DATA_HOME/cowstore (when
+XDG_DATA_HOME is set to an absolute path), else ~/.local/share/cowstore.
+Sizes take binary suffixes: 4096, 64K, 64KiB, 10G, 1.5GiB, 2T.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; --json and --debug work before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
+    )
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show a traceback on errors"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--store",
+        metavar="PATH",
+        help=f"the store directory (default: ${STORE_ENV}, else $XDG_DATA_HOME/cowstore, "
+        "else ~/.local/share/cowstore)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output on every report")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def labels(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
+
+    p = command("init", _cmd_init, "create the store (or check an existing one's settings)")
+    p.add_argument("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)")
+    p.add_argument("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)")
+
+    p = command("ls", _cmd_ls, "list snapshots")
+    p.add_argument(
+        "filters",
+        nargs="*",
+        metavar="FILTER",
+        help='containerd filter, e.g. kind==committed or labels."a/b"==c (several: any matches)',
+    )
+
+    p = command("stat", _cmd_stat, "show one snapshot")
+    p.add_argument("key")
+
+    p = command("prepare", _cmd_prepare, "create an active (read-write) snapshot")
+    p.add_argument("key")
+    p.add_argument("parent", nargs="?", help="a committed snapshot to start from")
+    p.add_argument("--size", metavar="SIZE", help="size of a snapshot without parent (default: the store's)")
+    labels(p)
+
+    p = command("view", _cmd_view, "create a read-only view")
+    p.add_argument("key")
+    p.add_argument("parent", nargs="?", help="the committed snapshot to view")
+    labels(p)
+
+    p = command("commit", _cmd_commit, "commit an active snapshot under a new name")
+    p.add_argument("name")
+    p.add_argument("key")
+    labels(p)
+
+    p = command("rm", _cmd_rm, "remove snapshots (children before their parents)")
+    p.add_argument("keys", nargs="+", metavar="KEY")
+
+    p = command("label", _cmd_label, "set (k=v) or delete (k=) labels; with none, show them")
+    p.add_argument("key")
+    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
+
+    p = command("usage", _cmd_usage, "space a snapshot holds that its parent does not")
+    p.add_argument("key")
+
+    command("df", _cmd_df, "pool figures: chunk size, snapshots, data file size")
+    command("tree", _cmd_tree, "the snapshot tree with kind, size and exclusive usage")
+
+    p = command("map", _cmd_map, "a snapshot's extents, like qemu-img map")
+    p.add_argument("key")
+
+    p = command("diff", _cmd_diff, "byte ranges whose chunks differ between two snapshots")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+
+    p = command("import", _cmd_import, "read a raw image into a new active snapshot")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--parent", help="build on this committed snapshot: only differing chunks take space")
+    p.add_argument("--commit", metavar="NAME", help="commit the snapshot as NAME afterwards")
+    labels(p)
+
+    p = command("export", _cmd_export, "write a snapshot to a sparse raw image")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("file", metavar="FILE")
+
+    p = command("check", _cmd_check, "check the store (exit 0 clean, 2 corrupted, 3 leaks only)")
+    p.add_argument("--data", action="store_true", help="also read every chunk in use")
+    p.add_argument("--repair", action="store_true", help="free leaked space (corruption is only reported)")
+
+    p = command("serve", _cmd_serve, "serve snapshots over NBD until SIGTERM or SIGINT")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:10809)")
+    where.add_argument("--socket", metavar="PATH", help="a Unix socket instead of TCP")
+    p.add_argument("--export", action="append", metavar="KEY", help="export only these (repeatable)")
+    p.add_argument("--allow-remote", action="store_true", help="allow listening on a non-loopback address")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, Error) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _error(exc: BaseException) -> None:
+    print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    try:
+        return args.func(args)
+    except (Error, UsageError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        if args.debug:
+            traceback.print_exc()
+        _error(exc)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
