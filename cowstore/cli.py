@@ -214,15 +214,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
     path = _store_path(args)
     chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
     default_size = parse_size(args.default_size) if args.default_size is not None else None
+    max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
     existed = (path / store_module.META_FILE).exists()
     if not existed:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with store_module.open(path, create=True, chunk_size=chunk_size, default_size=default_size) as store:
+    with store_module.open(
+        path, create=True, chunk_size=chunk_size, default_size=default_size, max_bytes=max_bytes
+    ) as store:
         figures = {
             "path": str(path.absolute()),
             "created": not existed,
             "chunk_size": store.chunk_size,
             "default_size": store.default_size,
+            "max_bytes": store.max_bytes,
         }
     if args.json:
         _emit_json(figures)
@@ -669,6 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", _cmd_init, "create the store (or check an existing one's settings)")
     p.add_argument("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)")
     p.add_argument("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)")
+    p.add_argument("--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)")
 
     p = command("ls", _cmd_ls, "list snapshots")
     p.add_argument(

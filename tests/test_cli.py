@@ -121,6 +121,15 @@ def test_init_creates_a_store_with_the_given_sizes(run, store_at):
     assert (s.chunk_size, s.default_size) == (8192, 2 << 20)
 
 
+def test_init_max_bytes_limits_the_pool_and_zero_lifts_it(run, store_at):
+    r = run("--json", "init", "--chunk-size", "4K", "--max-bytes", "8K")
+    assert r.code == 0 and r.json["max_bytes"] == 8192
+    s = store_at()
+    assert s.max_bytes == 8192
+    s.close()
+    assert run("--json", "init", "--max-bytes", "0").json["max_bytes"] is None
+
+
 def test_init_of_an_existing_store_with_its_settings_succeeds(run, made):
     r = run("init", "--chunk-size", "4096", "--json")
     assert r.code == 0 and r.json["created"] is False and r.json["chunk_size"] == CHUNK
