@@ -444,7 +444,6 @@ class _Connection:
         self.readonly = True
         self.size = 0
         self._out: list = []
-        self._out_bytes = 0
         self._arena: memoryview = memoryview(b"")
         self._apos = 0
         self._big: memoryview | None = None
@@ -501,35 +500,33 @@ class _Connection:
             n -= k
 
     def _send_out(self) -> None:
+        """Send every queued reply, in as few `sendmsg` calls as the kernel allows."""
         out = self._out
         self._apos = 0
         self._big_in_use = False
         if not out:
             return
-        total = self._out_bytes
         self._out = []
-        self._out_bytes = 0
+        sendmsg = self.sock.sendmsg
         try:
-            sent = self.sock.sendmsg(out)
-            while sent < total:
-                total -= sent
-                while sent:
-                    n = len(out[0])
-                    if sent >= n:
-                        sent -= n
-                        out.pop(0)
-                    else:
-                        out[0] = memoryview(out[0])[sent:]
-                        sent = 0
-                sent = self.sock.sendmsg(out)
+            while out:
+                batch = out[:MAX_IOV] if len(out) > MAX_IOV else out
+                sent = sendmsg(batch)
+                done = 0
+                for item in batch:
+                    n = len(item)
+                    if sent < n:
+                        break
+                    sent -= n
+                    done += 1
+                del out[:done]
+                if sent:
+                    out[0] = memoryview(out[0])[sent:]
         except OSError as exc:
             raise _Disconnect(f"sending failed: {exc}") from exc
 
     def _queue(self, data) -> None:
         self._out.append(data)
-        self._out_bytes += len(data)
-        if len(self._out) >= MAX_IOV:
-            self._send_out()
 
     def _take(self, n: int) -> memoryview:
         """A buffer for `n` bytes of READ payload, valid until the next `_send_out`."""

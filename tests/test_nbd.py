@@ -522,6 +522,27 @@ def test_pipelined_requests_are_all_answered(server):
     c.close()
 
 
+def test_thousands_of_pipelined_requests_in_one_burst_are_all_answered(server):
+    c = connect(server)
+    requests = []
+    for i in range(3000):
+        if i % 10 == 0:
+            requests.append(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, i, (i % 64) * 1024, 4096))
+        else:
+            requests.append(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_CACHE, i, 0, 4096))
+    sender = threading.Thread(target=c.sock.sendall, args=(b"".join(requests),))
+    sender.start()
+    want = pattern(2 * CHUNK, 1)
+    for _ in range(3000):
+        cookie, error, chunks = c.reply()
+        assert error == 0
+        if cookie % 10 == 0:
+            offset = (cookie % 64) * 1024
+            assert assemble(chunks, offset, 4096) == want[offset : offset + 4096]
+    sender.join(TIMEOUT)
+    c.close()
+
+
 def test_block_status_reports_allocation_and_depth_of_a_three_layer_chain(server):
     c = connect(server, contexts=("base:allocation", "qemu:allocation-depth"))
     status = c.block_status(0, SIZE)
