@@ -88,6 +88,15 @@ _OS_ERRNO = {
 }
 
 
+_pack_simple = P.SIMPLE_REPLY.pack
+_pack_chunk = P.CHUNK.pack
+_pack_data = P.CHUNK_DATA.pack
+_SIMPLE = P.SIMPLE_REPLY_MAGIC
+_STRUCTURED = P.STRUCTURED_REPLY_MAGIC
+_DONE = P.REPLY_FLAG_DONE
+_OFFSET_DATA = P.REPLY_TYPE_OFFSET_DATA
+
+
 class _Disconnect(Exception):
     """The connection must end now: the peer left, or broke the protocol."""
 
@@ -443,6 +452,7 @@ class _Connection:
         self.volume = None
         self.readonly = True
         self.size = 0
+        self._read_flags = P.CMD_FLAG_FUA
         self._out: list = []
         self._arena: memoryview = memoryview(b"")
         self._apos = 0
@@ -611,6 +621,7 @@ class _Connection:
         self.volume = volume
         self.readonly = volume.readonly
         self.size = volume.size
+        self._read_flags = _COMMAND_FLAGS[P.CMD_READ] if self.structured else P.CMD_FLAG_FUA
         if self.contexts_for != key:
             self.contexts = []
 
@@ -833,38 +844,25 @@ class _Connection:
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         try:
-            self._check(P.CMD_READ, flags, offset, length)
-            if length > MAX_PAYLOAD:
+            if flags & ~self._read_flags or offset + length > self.size or length > MAX_PAYLOAD:
+                self._check(P.CMD_READ, flags, offset, length)
                 raise _RequestError(P.EINVAL, f"read of {length} bytes is over the maximum of {MAX_PAYLOAD}")
-            if not self.structured:
+            if self.structured:
+                if length >= self._hole_min and not flags & P.CMD_FLAG_DF:
+                    runs = self._runs(offset, length)
+                    if len(runs) > 1 or runs[0][2]:
+                        self._read_sparse(cookie, runs, offset, length)
+                        return
+                if not length:
+                    self._out.append(_pack_chunk(_STRUCTURED, _DONE, P.REPLY_TYPE_NONE, cookie, 0))
+                    return
                 data = self._take(length)
                 self.volume.preadinto(data, offset)
-                self._queue(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, cookie))
-                self._queue(data)
-                return
-            if length == 0:
-                self._queue(
-                    P.CHUNK.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, cookie, 0)
-                )
-                return
-            if length >= self._hole_min and not flags & P.CMD_FLAG_DF:
-                runs = self._runs(offset, length)
-                if len(runs) > 1 or runs[0][2]:
-                    self._read_sparse(cookie, runs, offset, length)
-                    return
-            data = self._take(length)
-            self.volume.preadinto(data, offset)
-            self._queue(
-                P.CHUNK_DATA.pack(
-                    P.STRUCTURED_REPLY_MAGIC,
-                    P.REPLY_FLAG_DONE,
-                    P.REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + length,
-                    offset,
-                )
-            )
-            self._queue(data)
+                self._out += (_pack_data(_STRUCTURED, _DONE, _OFFSET_DATA, cookie, 8 + length, offset), data)
+            else:
+                data = self._take(length)
+                self.volume.preadinto(data, offset)
+                self._out += (_pack_simple(_SIMPLE, 0, cookie), data)
         except _Disconnect:
             raise
         except Exception as exc:
@@ -910,16 +908,21 @@ class _Connection:
 
     def _write(self, flags: int, cookie: int, offset: int, length: int, payload: memoryview) -> None:
         try:
-            self._check(P.CMD_WRITE, flags, offset, length, P.ENOSPC)
-            if length > MAX_PAYLOAD:
+            if (
+                flags & ~P.CMD_FLAG_FUA
+                or offset + length > self.size
+                or self.readonly
+                or length > MAX_PAYLOAD
+            ):
+                self._check(P.CMD_WRITE, flags, offset, length, P.ENOSPC)
+                if self.readonly:
+                    raise _RequestError(P.EPERM, "the export is a read-only view")
                 raise _RequestError(P.EINVAL, f"write of {length} bytes is over the maximum of {MAX_PAYLOAD}")
-            if self.readonly:
-                raise _RequestError(P.EPERM, "the export is a read-only view")
             self.volume.pwrite(payload, offset)
             if flags & P.CMD_FLAG_FUA:
                 self._send_out()
                 self.server._flush(self.volume)
-            self._ok(cookie)
+            self._out.append(_pack_simple(_SIMPLE, 0, cookie))
         except _Disconnect:
             raise
         except Exception as exc:
