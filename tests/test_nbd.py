@@ -6,6 +6,7 @@ hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -346,6 +347,7 @@ def test_view_is_advertised_read_only(client):
 
 def test_unknown_or_committed_export_is_err_unknown(client):
     assert client.info("nope")[0] == P.REP_ERR_UNKNOWN
+    assert client.info("")[0] == P.REP_ERR_UNKNOWN
     assert client.go("base") == P.REP_ERR_UNKNOWN
     assert client.go("top") == P.REP_ACK
 
@@ -716,6 +718,24 @@ def test_committed_export_reports_eshutdown_on_later_requests(store):
         assert Client(srv.address).info("a")[0] == P.REP_ERR_UNKNOWN
 
 
+def test_an_export_whose_size_is_not_a_chunk_multiple_works_to_the_last_byte(store):
+    size = 3 * CHUNK + 1001
+    store.prepare("odd", size=size)
+    with nbd.Server(store, port=0) as srv:
+        srv.start_in_thread()
+        c = connect(srv, "odd", contexts=("base:allocation",))
+        assert c.size == size
+        assert c.write(size - 1500, b"\x42" * 1500) == 0
+        assert c.read(size - 2000, 2000) == bytes(500) + b"\x42" * 1500
+        assert c.read(0, size)[-1500:] == b"\x42" * 1500
+        status = c.block_status(0, size)["base:allocation"]
+        assert sum(n for n, _ in status) == size
+        assert status[-1] == (CHUNK + 1001, 0)
+        assert c.command(P.CMD_WRITE_ZEROES, size - 1, 1) == 0
+        assert c.write(size, b"x") == P.ENOSPC
+        c.close()
+
+
 # -- many clients, lifecycle -------------------------------------------------
 
 
@@ -799,11 +819,12 @@ SERVE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_serve_shuts_down_cleanly_on_signal_and_flushes(tmp_path, sig):
-    path = tmp_path / "store"
-    with cowstore.open(path, create=True, chunk_size=CHUNK) as s:
-        s.prepare("vol", size=SIZE)
+@contextlib.contextmanager
+def serving_process(path: Path, kill: int = signal.SIGKILL) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`nbd.serve` of the store at `path` in a child process; yields its socket path and process.
+
+    On leaving, the child gets `kill` unless it already exited.
+    """
     directory = tempfile.mkdtemp(prefix="nbd")
     sock_path = os.path.join(directory, "s")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
@@ -814,15 +835,58 @@ def test_serve_shuts_down_cleanly_on_signal_and_flushes(tmp_path, sig):
             assert proc.poll() is None, "the server exited early"
             assert time.monotonic() < deadline, "the server never listened"
             time.sleep(0.05)
-        c = connect(sock_path, "vol")
-        assert c.write(CHUNK, b"durable") == 0
-        proc.send_signal(sig)
-        assert proc.wait(20) == 0
-        assert c.closed_by_server()
+        yield sock_path, proc
+        proc.send_signal(kill)
+        proc.wait(20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(sock_path)
         os.rmdir(directory)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_shuts_down_cleanly_on_signal_and_flushes(tmp_path, sig):
+    path = tmp_path / "store"
+    with cowstore.open(path, create=True, chunk_size=CHUNK) as s:
+        s.prepare("vol", size=SIZE)
+    with serving_process(path, sig) as (sock_path, proc):
+        c = connect(sock_path, "vol")
+        assert c.write(CHUNK, b"durable") == 0
+    assert proc.returncode == 0
+    assert c.closed_by_server()
     with cowstore.open(path) as s:
         assert s.mounts("vol").pread(7, CHUNK) == b"durable"
+
+
+def test_flush_and_fua_from_several_connections_survive_sigkill_of_the_server(tmp_path):
+    path = tmp_path / "store"
+    with cowstore.open(path, create=True, chunk_size=CHUNK) as s:
+        s.prepare("vol", size=SIZE)
+    with serving_process(path) as (sock_path, _):
+        failures = []
+
+        def work(i: int) -> None:
+            try:
+                c = connect(sock_path, "vol")
+                for j in range(5):
+                    assert c.write((i * 5 + j) * 4096, pattern(4096, i * 5 + j)) == 0
+                    assert c.command(P.CMD_FLUSH) == 0
+                assert c.write(32 * CHUNK + i * 4096, pattern(4096, 99), flags=P.CMD_FLAG_FUA) == 0
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failures
+    with cowstore.open(path) as s:
+        v = s.mounts("vol")
+        for k in range(20):
+            assert v.pread(4096, k * 4096) == pattern(4096, k)
+        for i in range(4):
+            assert v.pread(4096, 32 * CHUNK + i * 4096) == pattern(4096, 99)
