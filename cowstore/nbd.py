@@ -109,6 +109,16 @@ class _RequestError(Exception):
         self.error = error
 
 
+_EXPECTED = (
+    _RequestError,
+    errors.InvalidArgument,
+    errors.ReadOnly,
+    errors.NoSpace,
+    errors.NotFound,
+    errors.Closed,
+)
+
+
 def nbd_errno(exc: BaseException) -> int:
     """The NBD error number that reports `exc` to a client."""
     if isinstance(exc, _RequestError):
@@ -814,7 +824,7 @@ class _Connection:
     def _error(self, cookie: int, exc: BaseException) -> None:
         """Reply with the error that `exc` stands for: an ERROR chunk when structured."""
         error = nbd_errno(exc)
-        if not isinstance(exc, (errors.Error, _RequestError, ValueError, PermissionError)):
+        if not isinstance(exc, _EXPECTED):
             log.warning("nbd: %s: request failed: %r", self.peer, exc)
         if self.structured:
             message = str(exc).encode()[:MAX_MESSAGE]

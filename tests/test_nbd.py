@@ -644,6 +644,23 @@ def test_lengths_over_32_mib_are_einval(server, chain):
     c.close()
 
 
+def test_a_full_pool_is_enospc_and_trimming_makes_room(tmp_path):
+    s = cowstore.memory(chunk_size=CHUNK, default_size=SIZE, max_bytes=4 * CHUNK)
+    s.prepare("vol")
+    with nbd.Server(s, port=0) as srv:
+        srv.start_in_thread()
+        c = connect(srv, "vol")
+        for i in range(4):
+            assert c.write(i * CHUNK, b"\x01" * CHUNK) == 0
+        assert c.write(4 * CHUNK, b"\x02" * CHUNK) == P.ENOSPC
+        assert c.read(0, 4) == b"\x01" * 4
+        assert c.command(P.CMD_TRIM, 0, CHUNK) == 0
+        assert c.write(4 * CHUNK, b"\x02" * CHUNK) == 0
+        assert c.read(4 * CHUNK, CHUNK) == b"\x02" * CHUNK
+        c.close()
+    s.close()
+
+
 def test_writes_to_a_view_are_eperm(server, chain):
     c = connect(server, "midview")
     assert c.write(0, b"nope") == P.EPERM
