@@ -29,5 +29,15 @@ bench: $(STAMP)
 stress: $(STAMP)
 	COWSTORE_STRESS=1 $(PY) -m pytest -q -m slow tests
 
+# The engine tests with the extension built under AddressSanitizer and UBSan; rebuilds the normal one after.
+SANITIZE_LIBS = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+sanitize: $(STAMP)
+	COWSTORE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1" \
+		$(PY) setup.py -q build_ext --inplace --force
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 LD_PRELOAD="$(SANITIZE_LIBS)" COWSTORE_REQUIRE_EXTENSION=1 \
+		$(PY) -m pytest -q -p no:cacheprovider -k "not python" tests/test_engine_parity.py tests/test_snapshotter.py \
+		tests/test_volume.py tests/test_model.py tests/test_concurrency.py tests/test_bad_input.py; \
+		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
+
 clean:
 	rm -rf $(VENV) build *.egg-info cowstore/*.so ext/*.c
