@@ -1,0 +1,135 @@
+# cython: language_level=3
+"""C declarations of `cowstore._cengine`: the plain C structs behind the Engine.
+
+Nothing here is a Python object: pages, maps, refcounts and the change lists live in
+malloc'd memory owned by one `State` (every C field of the Engine but its lock), guarded
+by the Engine's rwlock.
+
+setup.py compiles ext/_cengine.pyx as the module `cowstore._cengine`, for which Cython
+looks for `cowstore/_cengine.pxd`, not this file; so the .pyx cimports this file by its
+own name (`from _cengine cimport ...`). That is also why `cdef class Engine` is declared
+in the .pyx: a class declared here would be imported at run time from a module `_cengine`
+that does not exist. Keep this file to plain C declarations.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef unsigned long pthread_t
+    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_destroy(pthread_rwlock_t *lock)
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t a, pthread_t b)
+
+
+# A page: this header, then `page_entries` uint32 slots (0 = unallocated) and as many
+# uint32 chunk sums (0 = not computed) in the same allocation (see `ents()`, `sums()`):
+# 16 bytes of overhead per page, 8 bytes per entry.
+cdef struct Page:
+    uint64_t id
+    uint32_t refs       # maps (directory positions) naming this page
+    uint32_t dirty      # 1 + index in State.dirty_pages, 0 = clean
+
+
+cdef struct Map:
+    int64_t id
+    uint64_t nchunks
+    uint64_t npages
+    uint64_t dirty      # 1 + index in State.dirty_maps, 0 = clean
+    Page **pages        # npages pointers, NULL = no page (every entry unallocated)
+
+
+# Open-addressing hash table int64 -> pointer (NULL value = empty bucket).
+cdef struct HEntry:
+    int64_t key
+    void *val
+
+
+cdef struct HTable:
+    HEntry *tab
+    size_t mask
+    size_t n
+
+
+cdef struct U32Vec:
+    uint32_t *a
+    size_t n
+    size_t cap
+
+
+cdef struct U64Vec:
+    uint64_t *a
+    size_t n
+    size_t cap
+
+
+cdef struct PtrVec:
+    void **a
+    size_t n
+    size_t cap
+
+
+# An error raised by a C routine, turned into a Python exception once the lock is released.
+cdef struct Err:
+    int kind
+    int errnum
+    int64_t a
+    int64_t b
+
+
+# Result runs of depth_runs and diff_runs, gathered under the lock, turned into lists after.
+cdef struct DepthRun:
+    uint64_t count
+    uint32_t depth
+    uint32_t allocated
+
+
+cdef struct DepthRuns:
+    DepthRun *a
+    size_t n
+    size_t cap
+
+
+cdef struct DiffRun:
+    uint64_t first
+    uint64_t count
+
+
+cdef struct DiffRuns:
+    DiffRun *a
+    size_t n
+    size_t cap
+
+
+cdef struct State:
+    int fd
+    uint64_t cs             # chunk size (a power of two)
+    uint64_t cs_mask
+    unsigned int cs_shift
+    uint64_t pe             # page entries
+    size_t page_bytes       # sizeof(Page) + 4 * pe
+    HTable maps             # map id -> Map*
+    HTable loaded           # page id -> Page*, between load_page and finish_load
+    PtrVec loaded_order     # the loaded pages, in load order
+    uint32_t *refs          # refs[slot]: (page, entry) references; refs[0] unused
+    uint8_t *freebit        # bit per slot: the slot is on the free stack
+    uint64_t slot_cap       # entries allocated in refs (and bits in freebit)
+    bint freebit_ready      # freebit holds bit_bytes(slot_cap) initialised bytes
+    uint64_t nslots
+    int64_t max_slots
+    uint64_t used           # slots with refs != 0
+    U32Vec free             # stack: pop from the end
+    U32Vec pending          # freed since the last take_changes
+    uint64_t next_page_id
+    PtrVec dirty_pages      # Page*, NULL where a dirty page died
+    PtrVec dirty_maps       # Map*, NULL where a dirty map was dropped
+    U64Vec dead             # ids of pages whose refcount reached 0
+    unsigned char *scratch  # one chunk, for partial copy-on-write (exclusive lock held)
+    bint loading            # load_page/load_map called, finish_load not yet
+    bint running            # finish_load called, or slot refcounts touched
+    bint verify             # reads check the sums of chunks that have one

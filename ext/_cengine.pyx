@@ -1,0 +1,1940 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, overflowcheck=False, binding=True
+"""The Cython engine: the same interface, semantics and bytes as `cowstore._pyengine`.
+
+Every piece of metadata is plain C (see `_cengine.pxd`): pages are malloc'd blocks of
+uint32 slots behind a 16-byte header, a map is an array of page pointers, maps are found
+through an int64 hash table, slot refcounts are one uint32 array. One rwlock guards the
+state: reads take it shared and run in parallel with the GIL released; everything that
+changes metadata takes it exclusive, also with the GIL released. The lock is only ever
+waited for without the GIL. Data I/O (pread/pwrite/fsync) always runs without the GIL.
+
+Differences from the reference are deliberate and only where the reference corrupts its
+state or raises an unrelated error: a write or zero that would hit `NoSpace` changes
+nothing; `load_*` after `finish_load`, a second `finish_load`, and slot-refcount changes
+(write, zero, drop_map) between `load_*` and `finish_load` raise ValueError; `release`
+validates its slots; negative sizes, ids beyond int64 and an empty chain raise ValueError;
+entries beyond a shorter map's end compare as unallocated in depth_runs and
+exclusive_chunks.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.long cimport PyLong_AsLongLongAndOverflow
+from cpython.number cimport PyNumber_Index
+from libc.errno cimport EINTR, EIO, errno
+from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+from posix.types cimport off_t
+from posix.unistd cimport fsync, ftruncate, pread, pwrite
+
+from _cengine cimport (
+    DepthRun,
+    DepthRuns,
+    DiffRun,
+    DiffRuns,
+    Err,
+    HEntry,
+    HTable,
+    Map,
+    Page,
+    PtrVec,
+    State,
+    U32Vec,
+    U64Vec,
+    pthread_equal,
+    pthread_rwlock_destroy,
+    pthread_rwlock_rdlock,
+    pthread_rwlock_t,
+    pthread_rwlock_unlock,
+    pthread_rwlock_wrlock,
+    pthread_self,
+    pthread_t,
+)
+
+from os import strerror as _strerror
+
+from cowstore._pyengine import MAX_SLOT, Changes, chunk_sum
+from cowstore.errors import Corruption, NoSpace
+
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <stdint.h>
+    #include <string.h>
+
+    static int cs_rwlock_init(pthread_rwlock_t *lock) {
+        pthread_rwlockattr_t attr;
+        int rc;
+        if (pthread_rwlockattr_init(&attr) != 0) return -1;
+    #if defined(__GLIBC__)
+        /* Writers must not starve behind a stream of readers. */
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    #endif
+        rc = pthread_rwlock_init(lock, &attr);
+        pthread_rwlockattr_destroy(&attr);
+        return rc == 0 ? 0 : -1;
+    }
+
+    /* Copy n uint32 (or uint64) values between host order and little-endian bytes. */
+    static void cs_le32_copy(void *dst, const void *src, size_t n) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        size_t i; uint32_t v;
+        for (i = 0; i < n; i++) {
+            memcpy(&v, (const char *)src + 4 * i, 4); v = __builtin_bswap32(v);
+            memcpy((char *)dst + 4 * i, &v, 4);
+        }
+    #else
+        memcpy(dst, src, 4 * n);
+    #endif
+    }
+
+    /* CRC-32 (zlib's), slice-by-8 where the host is little-endian. */
+    static uint32_t cs_crc_table[8][256];
+
+    static void cs_crc32_init(void) {
+        uint32_t i, c;
+        int k;
+        for (i = 0; i < 256; i++) {
+            c = i;
+            for (k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            cs_crc_table[0][i] = c;
+        }
+        for (i = 0; i < 256; i++) {
+            c = cs_crc_table[0][i];
+            for (k = 1; k < 8; k++) {
+                c = cs_crc_table[0][c & 0xff] ^ (c >> 8);
+                cs_crc_table[k][i] = c;
+            }
+        }
+    }
+
+    static uint32_t cs_crc32(const unsigned char *p, size_t n) {
+        uint32_t crc = 0xFFFFFFFFu;
+    #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint32_t one, two;
+        while (n && ((uintptr_t)p & 7)) { crc = cs_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8); n--; }
+        while (n >= 8) {
+            memcpy(&one, p, 4);
+            memcpy(&two, p + 4, 4);
+            one ^= crc;
+            crc = cs_crc_table[7][one & 0xff] ^ cs_crc_table[6][(one >> 8) & 0xff]
+                ^ cs_crc_table[5][(one >> 16) & 0xff] ^ cs_crc_table[4][one >> 24]
+                ^ cs_crc_table[3][two & 0xff] ^ cs_crc_table[2][(two >> 8) & 0xff]
+                ^ cs_crc_table[1][(two >> 16) & 0xff] ^ cs_crc_table[0][two >> 24];
+            p += 8;
+            n -= 8;
+        }
+    #endif
+        while (n--) crc = cs_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+        return crc ^ 0xFFFFFFFFu;
+    }
+
+    static void cs_le64_copy(void *dst, const void *src, size_t n) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        size_t i; uint64_t v;
+        for (i = 0; i < n; i++) {
+            memcpy(&v, (const char *)src + 8 * i, 8); v = __builtin_bswap64(v);
+            memcpy((char *)dst + 8 * i, &v, 8);
+        }
+    #else
+        memcpy(dst, src, 8 * n);
+    #endif
+    }
+    """
+    int cs_rwlock_init(pthread_rwlock_t *lock) nogil
+    void cs_crc32_init()
+    uint32_t cs_crc32(const unsigned char *p, size_t n) nogil
+    void cs_le32_copy(void *dst, const void *src, size_t n) nogil
+    void cs_le64_copy(void *dst, const void *src, size_t n) nogil
+
+
+cs_crc32_init()
+
+
+cdef enum:
+    E_OK = 0
+    E_KEY           # a: index of the missing map id among the call's ids
+    E_RANGE
+    E_NOSPACE       # a: slots in the pool
+    E_CORRUPT       # a: data-file offset of the short read
+    E_OS            # errnum
+    E_NOMEM
+    E_EXISTS
+    E_LOADING       # needs finish_load first
+    E_FINISHED      # load_* / finish_load after the engine started
+    E_DUP_PAGE
+    E_NO_PAGE       # a: page id
+    E_SLOT_BEYOND   # a: page id, b: slot
+    E_BAD_SLOT      # a: slot
+    E_REFS          # a refcount would overflow uint32
+    E_CHECKSUM      # a: chunk, b: slot
+
+# Largest accepted sizes: chunk offsets ((slot - 1) * chunk_size) stay far below 2**63.
+cdef uint64_t MAX_CHUNK_SIZE = 1 << 30
+cdef uint64_t MAX_PAGE_ENTRIES = 1 << 26
+cdef uint32_t DIRTY_LIMIT = 0xFFFFFFF0u
+cdef size_t IO_MAX = 1 << 30
+
+
+# -- small C containers --------------------------------------------------------
+
+cdef inline uint32_t *ents(Page *p) noexcept nogil:
+    return <uint32_t *>(p + 1)
+
+
+cdef inline uint32_t *sums(State *st, Page *p) noexcept nogil:
+    return <uint32_t *>(p + 1) + st.pe
+
+
+cdef inline uint32_t chunk_crc(const unsigned char *data, uint64_t n) noexcept nogil:
+    """The reference's chunk_sum: CRC-32, with 0 (meaning "none yet") kept as 1."""
+    cdef uint32_t c = cs_crc32(data, n)
+    return c if c else 1
+
+
+cdef int _grow(void **a, size_t *cap, size_t need, size_t size) noexcept nogil:
+    """Make room for `need` elements of `size` bytes; -1 when out of memory."""
+    cdef size_t c
+    cdef void *p
+    if need <= cap[0]:
+        return 0
+    c = cap[0] * 2 if cap[0] else 16
+    if c < need:
+        c = need
+    if c > (<size_t>-1) / size:
+        return -1
+    p = realloc(a[0], c * size)
+    if p == NULL:
+        return -1
+    a[0] = p
+    cap[0] = c
+    return 0
+
+
+cdef inline int u32_reserve(U32Vec *v, size_t k) noexcept nogil:
+    return _grow(<void **>&v.a, &v.cap, v.n + k, sizeof(uint32_t))
+
+
+cdef inline int u64_reserve(U64Vec *v, size_t k) noexcept nogil:
+    return _grow(<void **>&v.a, &v.cap, v.n + k, sizeof(uint64_t))
+
+
+cdef inline int ptr_reserve(PtrVec *v, size_t k) noexcept nogil:
+    return _grow(<void **>&v.a, &v.cap, v.n + k, sizeof(void *))
+
+
+cdef inline size_t _hash(int64_t key) noexcept nogil:
+    cdef uint64_t x = <uint64_t>key
+    x ^= x >> 30
+    x *= 0xbf58476d1ce4e5b9ULL
+    x ^= x >> 27
+    x *= 0x94d049bb133111ebULL
+    x ^= x >> 31
+    return <size_t>x
+
+
+cdef void *ht_get(HTable *h, int64_t key) noexcept nogil:
+    cdef size_t i
+    if h.n == 0:
+        return NULL
+    i = _hash(key) & h.mask
+    while h.tab[i].val != NULL:
+        if h.tab[i].key == key:
+            return h.tab[i].val
+        i = (i + 1) & h.mask
+    return NULL
+
+
+cdef int ht_reserve(HTable *h, size_t extra) noexcept nogil:
+    """Room for `extra` more keys at a load factor of at most 3/4; -1 when out of memory."""
+    cdef size_t need = h.n + extra, cap = 16, i, j, oldcap
+    cdef HEntry *tab
+    cdef HEntry *old
+    if h.tab != NULL and need * 4 <= (h.mask + 1) * 3:
+        return 0
+    while cap * 3 < need * 4:
+        if cap > (<size_t>-1) / (4 * sizeof(HEntry)):
+            return -1
+        cap *= 2
+    tab = <HEntry *>calloc(cap, sizeof(HEntry))
+    if tab == NULL:
+        return -1
+    old = h.tab
+    oldcap = h.mask + 1 if old != NULL else 0
+    h.tab = tab
+    h.mask = cap - 1
+    for i in range(oldcap):
+        if old[i].val != NULL:
+            j = _hash(old[i].key) & h.mask
+            while tab[j].val != NULL:
+                j = (j + 1) & h.mask
+            tab[j] = old[i]
+    free(old)
+    return 0
+
+
+cdef void ht_put(HTable *h, int64_t key, void *val) noexcept nogil:
+    """Insert a key known to be absent; the caller has reserved room."""
+    cdef size_t i = _hash(key) & h.mask
+    while h.tab[i].val != NULL:
+        i = (i + 1) & h.mask
+    h.tab[i].key = key
+    h.tab[i].val = val
+    h.n += 1
+
+
+cdef void ht_del(HTable *h, int64_t key) noexcept nogil:
+    """Remove a key (linear probing, backward-shift deletion: no tombstones)."""
+    cdef size_t i, j, k
+    if h.n == 0:
+        return
+    i = _hash(key) & h.mask
+    while h.tab[i].val != NULL and h.tab[i].key != key:
+        i = (i + 1) & h.mask
+    if h.tab[i].val == NULL:
+        return
+    j = i
+    while True:
+        j = (j + 1) & h.mask
+        if h.tab[j].val == NULL:
+            break
+        k = _hash(h.tab[j].key) & h.mask
+        # The entry at j stays unless its home k lies cyclically outside (i, j].
+        if (i < k <= j) if i <= j else (i < k or k <= j):
+            continue
+        h.tab[i] = h.tab[j]
+        i = j
+    h.tab[i].val = NULL
+    h.n -= 1
+
+
+# -- slots, pages, maps ----------------------------------------------------------
+
+cdef inline uint32_t entry(State *st, Map *m, uint64_t chunk) noexcept nogil:
+    """The slot of a chunk inside the map."""
+    cdef Page *p = m.pages[chunk / st.pe]
+    if p == NULL:
+        return 0
+    return ents(p)[chunk % st.pe]
+
+
+cdef inline uint32_t entry_cov(State *st, Map *m, uint64_t chunk) noexcept nogil:
+    """The slot of any chunk: 0 beyond the map's end."""
+    if chunk >= m.nchunks:
+        return 0
+    return entry(st, m, chunk)
+
+
+cdef inline Page *span_page(Map *m, uint64_t p, uint64_t end, Page *partial) noexcept nogil:
+    """The map's page `p` if it covers chunks up to `end`, NULL if all its entries there are
+    0, `partial` if the map ends inside the span (compare chunk by chunk)."""
+    cdef Page *pg
+    if p >= m.npages:
+        return NULL
+    pg = m.pages[p]
+    if pg == NULL:
+        return NULL
+    if m.nchunks < end:
+        return partial
+    return pg
+
+
+cdef inline uint64_t bit_bytes(uint64_t cap) noexcept nogil:
+    return cap / 8 + 1
+
+
+cdef int ensure_slots(State *st, uint64_t idx) noexcept nogil:
+    """refs and freebit can be indexed by `idx`; -1 when out of memory."""
+    cdef uint64_t cap, old
+    cdef uint32_t *r
+    cdef uint8_t *b
+    if idx < st.slot_cap:
+        return 0
+    cap = st.slot_cap * 2 if st.slot_cap else 1024
+    while cap <= idx:
+        cap *= 2
+    r = <uint32_t *>realloc(st.refs, cap * sizeof(uint32_t))
+    if r == NULL:
+        return -1
+    st.refs = r
+    memset(r + st.slot_cap, 0, (cap - st.slot_cap) * sizeof(uint32_t))
+    b = <uint8_t *>realloc(st.freebit, bit_bytes(cap))
+    if b == NULL:
+        return -1
+    st.freebit = b
+    old = bit_bytes(st.slot_cap) if st.freebit_ready else 0
+    memset(b + old, 0, bit_bytes(cap) - old)
+    st.freebit_ready = 1
+    st.slot_cap = cap
+    return 0
+
+
+cdef inline bint is_free(State *st, uint32_t s) noexcept nogil:
+    return (st.freebit[s >> 3] >> (s & 7)) & 1
+
+
+cdef inline void free_push(State *st, uint32_t s) noexcept nogil:
+    """Push a slot on the free stack; the caller has reserved room."""
+    st.free.a[st.free.n] = s
+    st.free.n += 1
+    st.freebit[s >> 3] |= <uint8_t>(1 << (s & 7))
+
+
+cdef int st_alloc(State *st, uint32_t *out) noexcept nogil:
+    """A slot with refcount 1: 0, or E_NOSPACE / E_NOMEM."""
+    cdef uint32_t s
+    if st.free.n:
+        st.free.n -= 1
+        s = st.free.a[st.free.n]
+        st.freebit[s >> 3] &= <uint8_t>~(1 << (s & 7))
+    else:
+        if <int64_t>st.nslots >= st.max_slots:
+            return E_NOSPACE
+        if ensure_slots(st, st.nslots + 1) < 0:
+            return E_NOMEM
+        st.nslots += 1
+        s = <uint32_t>st.nslots
+    st.refs[s] = 1
+    st.used += 1
+    out[0] = s
+    return 0
+
+
+cdef inline void st_decref(State *st, uint32_t s) noexcept nogil:
+    st.refs[s] -= 1
+    if st.refs[s] == 0:
+        st.used -= 1
+        # Callers reserve room; were that to fail, the slot is only lost until the next load.
+        if st.pending.n < st.pending.cap or u32_reserve(&st.pending, 1) == 0:
+            st.pending.a[st.pending.n] = s
+            st.pending.n += 1
+
+
+cdef int reserve_dirty_pages(State *st, size_t k) noexcept nogil:
+    cdef size_t i, j = 0
+    cdef Page *p
+    if st.dirty_pages.n + k >= DIRTY_LIMIT:
+        # Page.dirty is 32 bits: squeeze out the pages that died while dirty.
+        for i in range(st.dirty_pages.n):
+            p = <Page *>st.dirty_pages.a[i]
+            if p != NULL:
+                st.dirty_pages.a[j] = p
+                j += 1
+                p.dirty = <uint32_t>j
+        st.dirty_pages.n = j
+        if j + k >= DIRTY_LIMIT:
+            return -1
+    return ptr_reserve(&st.dirty_pages, k)
+
+
+cdef inline void mark_page(State *st, Page *p) noexcept nogil:
+    if p.dirty == 0:
+        st.dirty_pages.a[st.dirty_pages.n] = p
+        st.dirty_pages.n += 1
+        p.dirty = <uint32_t>st.dirty_pages.n
+
+
+cdef inline void mark_map(State *st, Map *m) noexcept nogil:
+    if m.dirty == 0:
+        st.dirty_maps.a[st.dirty_maps.n] = m
+        st.dirty_maps.n += 1
+        m.dirty = st.dirty_maps.n
+
+
+cdef Page *page_for_write(State *st, Map *m, uint64_t index) noexcept nogil:
+    """The map's page `index`, made exclusive to the map (created or copied); NULL when out
+    of memory. The caller has reserved a dirty page and a dirty map."""
+    cdef Page *page = m.pages[index]
+    cdef Page *fresh
+    cdef uint32_t *e
+    cdef uint64_t i
+    if page != NULL and page.refs == 1:
+        mark_page(st, page)
+        return page
+    fresh = <Page *>malloc(st.page_bytes)
+    if fresh == NULL:
+        return NULL
+    fresh.id = st.next_page_id
+    st.next_page_id += 1
+    fresh.refs = 1
+    fresh.dirty = 0
+    e = ents(fresh)
+    if page == NULL:
+        memset(e, 0, 2 * st.pe * sizeof(uint32_t))
+    else:
+        memcpy(e, ents(page), 2 * st.pe * sizeof(uint32_t))
+        for i in range(st.pe):
+            if e[i]:
+                st.refs[e[i]] += 1
+        page.refs -= 1
+    mark_page(st, fresh)
+    m.pages[index] = fresh
+    mark_map(st, m)
+    return fresh
+
+
+cdef void unref_page(State *st, Page *page) noexcept nogil:
+    """Drop one reference; a page reaching 0 releases its slots, is reported dead and
+    freed. The caller has reserved room in `pending` and `dead`."""
+    cdef uint32_t *e
+    cdef uint64_t i
+    page.refs -= 1
+    if page.refs:
+        return
+    e = ents(page)
+    for i in range(st.pe):
+        if e[i]:
+            st_decref(st, e[i])
+    if page.dirty:
+        st.dirty_pages.a[page.dirty - 1] = NULL
+    st.dead.a[st.dead.n] = page.id
+    st.dead.n += 1
+    free(page)
+
+
+cdef void free_map(Map *m) noexcept nogil:
+    free(m.pages)
+    free(m)
+
+
+# -- data I/O ------------------------------------------------------------------------
+
+cdef int pread_full(int fd, unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    cdef ssize_t r
+    cdef uint64_t start = off
+    while n:
+        r = pread(fd, buf, n if n < IO_MAX else IO_MAX, <off_t>off)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            err.kind = E_OS
+            err.errnum = errno
+            return -1
+        if r == 0:
+            err.kind = E_CORRUPT
+            err.a = <int64_t>start
+            return -1
+        buf += r
+        n -= <uint64_t>r
+        off += <uint64_t>r
+    return 0
+
+
+cdef int pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    cdef ssize_t r
+    while n:
+        r = pwrite(fd, buf, n if n < IO_MAX else IO_MAX, <off_t>off)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            err.kind = E_OS
+            err.errnum = errno
+            return -1
+        if r == 0:
+            err.kind = E_OS
+            err.errnum = EIO
+            return -1
+        buf += r
+        n -= <uint64_t>r
+        off += <uint64_t>r
+    return 0
+
+
+cdef inline bint is_zero(const unsigned char *p, uint64_t n) noexcept nogil:
+    cdef uint64_t i
+    if n <= 16:
+        for i in range(n):
+            if p[i]:
+                return 0
+        return 1
+    for i in range(16):
+        if p[i]:
+            return 0
+    return memcmp(p, p + 16, n - 16) == 0
+
+
+cdef inline bint range_ok(State *st, Map *m, bint fits, int64_t off, int64_t length) noexcept nogil:
+    cdef uint64_t limit = m.nchunks * st.cs
+    if not fits or off < 0 or length < 0:
+        return 0
+    return <uint64_t>off <= limit and <uint64_t>length <= limit - <uint64_t>off
+
+
+cdef inline uint32_t checked_sum(State *st, Map *m, uint64_t chunk) noexcept nogil:
+    """The sum a read must check for a chunk: 0 when reads do not verify or it has none."""
+    cdef Page *p
+    if not st.verify:
+        return 0
+    p = m.pages[chunk / st.pe]
+    if p == NULL:
+        return 0
+    return sums(st, p)[chunk % st.pe]
+
+
+cdef int st_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t n, Err *err,
+                 unsigned char **tmp) noexcept nogil:
+    """Fill buf from the map; runs of chunks in consecutive slots are one pread, runs of
+    unallocated chunks one memset. A chunk with a sum to check is read whole (into the
+    caller's buffer when the piece is the whole chunk, else into *tmp, allocated here)."""
+    cdef uint64_t pos = 0, chunk, within, piece, run, cs = st.cs
+    cdef uint64_t slot, nxt, foff
+    cdef uint32_t want
+    cdef unsigned char *whole
+    while pos < n:
+        chunk = (off + pos) >> st.cs_shift
+        within = (off + pos) & st.cs_mask
+        piece = cs - within
+        if piece > n - pos:
+            piece = n - pos
+        slot = entry(st, m, chunk)
+        run = piece
+        want = checked_sum(st, m, chunk) if slot else 0
+        if want:
+            if piece == cs:
+                whole = buf + pos
+            else:
+                if tmp[0] == NULL:
+                    tmp[0] = <unsigned char *>malloc(cs)
+                    if tmp[0] == NULL:
+                        err.kind = E_NOMEM
+                        return -1
+                whole = tmp[0]
+            if pread_full(st.fd, whole, cs, (slot - 1) * cs, err) < 0:
+                return -1
+            if chunk_crc(whole, cs) != want:
+                err.kind = E_CHECKSUM
+                err.a = <int64_t>chunk
+                err.b = <int64_t>slot
+                return -1
+            if whole != buf + pos:
+                memcpy(buf + pos, whole + within, piece)
+        elif slot == 0:
+            while pos + run < n and entry(st, m, chunk + 1) == 0:
+                chunk += 1
+                run += cs if n - pos - run > cs else n - pos - run
+            memset(buf + pos, 0, run)
+        else:
+            foff = (slot - 1) * cs + within
+            while pos + run < n:
+                nxt = entry(st, m, chunk + 1)
+                if nxt != slot + 1 or checked_sum(st, m, chunk + 1):
+                    break
+                slot = nxt
+                chunk += 1
+                run += cs if n - pos - run > cs else n - pos - run
+            if pread_full(st.fd, buf + pos, run, foff, err) < 0:
+                return -1
+        pos += run
+    return 0
+
+
+cdef int reserve_piece(State *st, bint partial) noexcept nogil:
+    """Room for everything one chunk write can append, so no step fails half-way."""
+    if reserve_dirty_pages(st, 1) or ptr_reserve(&st.dirty_maps, 1):
+        return -1
+    if u32_reserve(&st.pending, 1) or u32_reserve(&st.free, 1):
+        return -1
+    if st.free.n == 0 and <int64_t>st.nslots < st.max_slots and ensure_slots(st, st.nslots + 1):
+        return -1
+    if partial and st.scratch == NULL:
+        st.scratch = <unsigned char *>malloc(st.cs)
+        if st.scratch == NULL:
+            return -1
+    return 0
+
+
+cdef int write_in_place(State *st, Page *page, uint64_t i, const unsigned char *piece, uint64_t n,
+                        uint64_t off, Err *err) noexcept nogil:
+    """The reference's _write_in_place: the chunk changes, so its sum goes (piece NULL: zeros)."""
+    cdef uint32_t *s = sums(st, page)
+    if piece == NULL and st.scratch == NULL:
+        st.scratch = <unsigned char *>malloc(st.cs)
+        if st.scratch == NULL:
+            err.kind = E_NOMEM
+            return -1
+    if s[i]:
+        if reserve_dirty_pages(st, 1):
+            err.kind = E_NOMEM
+            return -1
+        s[i] = 0
+        mark_page(st, page)
+    if piece == NULL:
+        memset(st.scratch, 0, n)
+        piece = st.scratch
+    return pwrite_full(st.fd, piece, n, off, err)
+
+
+cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const unsigned char *piece,
+                     uint64_t n, Err *err) noexcept nogil:
+    """The reference's _write_chunk; piece NULL writes zeros."""
+    cdef uint64_t index = chunk / st.pe, i = chunk % st.pe, cs = st.cs
+    cdef Page *page = m.pages[index]
+    cdef uint32_t old = ents(page)[i] if page != NULL else 0
+    cdef uint32_t new = 0
+    cdef bint full = n == cs
+    cdef bint zero
+    cdef const unsigned char *src
+    cdef int rc
+    if piece == NULL:
+        zero = 1
+    else:
+        # Only an unallocated or a whole chunk cares whether the data is zeros.
+        zero = (old == 0 or full) and is_zero(piece, n)
+    if old == 0 and zero:
+        return 0
+    if old and st.refs[old] == 1 and not (full and zero) and page.refs == 1:
+        return write_in_place(st, page, i, piece, n, (old - 1) * cs + within, err)
+    if reserve_piece(st, not full):
+        err.kind = E_NOMEM
+        return -1
+    page = page_for_write(st, m, index)
+    if page == NULL:
+        err.kind = E_NOMEM
+        return -1
+    old = ents(page)[i]
+    if not (full and zero):
+        # (the reference's in-place branch here is unreachable: a page just made exclusive
+        # by copying holds each of its slots at least twice)
+        if full:
+            src = piece
+        else:
+            if old:
+                if pread_full(st.fd, st.scratch, cs, (old - 1) * cs, err) < 0:
+                    return -1
+            else:
+                memset(st.scratch, 0, cs)
+            if piece == NULL:
+                memset(st.scratch + within, 0, n)
+            else:
+                memcpy(st.scratch + within, piece, n)
+            src = st.scratch
+        rc = st_alloc(st, &new)
+        if rc:
+            err.kind = rc
+            err.a = <int64_t>st.nslots
+            return -1
+        if pwrite_full(st.fd, src, cs, (<uint64_t>new - 1) * cs, err) < 0:
+            st.refs[new] = 0
+            st.used -= 1
+            free_push(st, new)
+            return -1
+    ents(page)[i] = new
+    sums(st, page)[i] = 0
+    if old:
+        st_decref(st, old)
+    return 0
+
+
+cdef uint64_t slots_needed(State *st, Map *m, const unsigned char *data, uint64_t off, uint64_t n) noexcept nogil:
+    """How many slots a write (data NULL: a zero) allocates, at most."""
+    cdef uint64_t pos = 0, chunk, within, piece, need = 0, cs = st.cs
+    cdef Page *page
+    cdef uint32_t old
+    cdef bint full, zero
+    while pos < n:
+        chunk = (off + pos) >> st.cs_shift
+        within = (off + pos) & st.cs_mask
+        piece = cs - within
+        if piece > n - pos:
+            piece = n - pos
+        page = m.pages[chunk / st.pe]
+        old = ents(page)[chunk % st.pe] if page != NULL else 0
+        full = piece == cs
+        zero = data == NULL or ((old == 0 or full) and is_zero(data + pos, piece))
+        if not ((old == 0 and zero) or (full and zero) or (old and st.refs[old] == 1 and page.refs == 1)):
+            need += 1
+        pos += piece
+    return need
+
+
+cdef int st_write(State *st, Map *m, const unsigned char *data, uint64_t off, uint64_t n, Err *err) noexcept nogil:
+    """Write (data NULL: zero) a validated range. NoSpace is decided before any change."""
+    cdef uint64_t pos = 0, chunk, within, piece, avail, cs = st.cs
+    if n == 0:
+        return 0
+    avail = st.free.n
+    if st.max_slots > <int64_t>st.nslots:
+        avail += <uint64_t>(st.max_slots - <int64_t>st.nslots)
+    if ((off + n - 1) >> st.cs_shift) - (off >> st.cs_shift) + 1 > avail:
+        if slots_needed(st, m, data, off, n) > avail:
+            err.kind = E_NOSPACE
+            err.a = <int64_t>st.nslots
+            return -1
+    st.running = 1
+    while pos < n:
+        chunk = (off + pos) >> st.cs_shift
+        within = (off + pos) & st.cs_mask
+        piece = cs - within
+        if piece > n - pos:
+            piece = n - pos
+        if write_chunk(st, m, chunk, within, data + pos if data != NULL else NULL, piece, err):
+            return -1
+        pos += piece
+    return 0
+
+
+# -- introspection ---------------------------------------------------------------------
+
+cdef int depth_add(DepthRuns *r, uint64_t count, uint32_t depth, uint32_t allocated) noexcept nogil:
+    if r.n and r.a[r.n - 1].depth == depth and r.a[r.n - 1].allocated == allocated:
+        r.a[r.n - 1].count += count
+        return 0
+    if _grow(<void **>&r.a, &r.cap, r.n + 1, sizeof(DepthRun)):
+        return -1
+    r.a[r.n].count = count
+    r.a[r.n].depth = depth
+    r.a[r.n].allocated = allocated
+    r.n += 1
+    return 0
+
+
+cdef int st_depth_runs(State *st, Map **maps, size_t nmaps, uint64_t first, uint64_t count,
+                       DepthRuns *runs) noexcept nogil:
+    cdef uint64_t c = first, end = first + count, p, pend, ch
+    cdef size_t k, k0
+    cdef Page *a
+    cdef Page *b
+    cdef Page *partial = <Page *>maps   # any pointer that is never a page
+    cdef uint32_t e, below, depth
+    while c < end:
+        p = c / st.pe
+        pend = (p + 1) * st.pe
+        if pend > end:
+            pend = end
+        # Levels whose maps hold the same page compare equal on the whole span: skip them.
+        k0 = 0
+        while k0 + 1 < nmaps:
+            a = span_page(maps[k0], p, pend, partial)
+            b = span_page(maps[k0 + 1], p, pend, partial)
+            if a != b or a == partial:
+                break
+            k0 += 1
+        if k0 + 1 == nmaps and span_page(maps[k0], p, pend, partial) == NULL:
+            if depth_add(runs, pend - c, 0, 0):
+                return -1
+            c = pend
+            continue
+        for ch in range(c, pend):
+            depth = 0
+            for k in range(k0, nmaps):
+                e = entry_cov(st, maps[k], ch)
+                below = entry_cov(st, maps[k + 1], ch) if k + 1 < nmaps else 0
+                if e != below:
+                    depth = <uint32_t>(k + 1)
+                    break
+            if depth_add(runs, 1, depth, entry_cov(st, maps[0], ch) != 0):
+                return -1
+        c = pend
+    return 0
+
+
+cdef int st_diff_runs(State *st, Map *a, Map *b, DiffRuns *runs) noexcept nogil:
+    cdef uint64_t n = a.nchunks if a.nchunks > b.nchunks else b.nchunks
+    cdef uint64_t c = 0, p, pend, ch
+    cdef Page *partial = <Page *>a
+    cdef Page *pa
+    cdef Page *pb
+    while c < n:
+        p = c / st.pe
+        pend = (p + 1) * st.pe
+        if pend > n:
+            pend = n
+        pa = span_page(a, p, pend, partial)
+        pb = span_page(b, p, pend, partial)
+        if pa != pb or pa == partial:
+            for ch in range(c, pend):
+                if entry_cov(st, a, ch) != entry_cov(st, b, ch):
+                    if runs.n and runs.a[runs.n - 1].first + runs.a[runs.n - 1].count == ch:
+                        runs.a[runs.n - 1].count += 1
+                    else:
+                        if _grow(<void **>&runs.a, &runs.cap, runs.n + 1, sizeof(DiffRun)):
+                            return -1
+                        runs.a[runs.n].first = ch
+                        runs.a[runs.n].count = 1
+                        runs.n += 1
+        c = pend
+    return 0
+
+
+cdef uint64_t st_exclusive(State *st, Map *m, Map *parent) noexcept nogil:
+    cdef uint64_t p, c, pend, ch, count = 0
+    cdef Page *pg
+    cdef uint32_t *e
+    cdef uint32_t slot
+    for p in range(m.npages):
+        pg = m.pages[p]
+        if pg == NULL:
+            continue
+        c = p * st.pe
+        pend = c + st.pe
+        if pend > m.nchunks:
+            pend = m.nchunks
+        if parent != NULL and span_page(parent, p, pend, <Page *>m) == pg:
+            continue
+        e = ents(pg)
+        for ch in range(c, pend):
+            slot = e[ch - c]
+            if slot and (parent == NULL or entry_cov(st, parent, ch) != slot):
+                count += 1
+    return count
+
+
+# -- Python-side helpers ---------------------------------------------------------------------
+
+cdef int _lookup_key(object obj, int64_t *out) except -1:
+    """1 and the id when obj is an integer in int64 range; 0 when no map can have this id."""
+    cdef int overflow = 0
+    cdef long long v
+    if not isinstance(obj, int):
+        try:
+            obj = PyNumber_Index(obj)
+        except TypeError:
+            return 0
+    v = PyLong_AsLongLongAndOverflow(obj, &overflow)
+    if overflow:
+        return 0
+    out[0] = v
+    return 1
+
+
+cdef int64_t _new_key(object obj) except? -1:
+    """The id for a new map: an integer in int64 range."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(PyNumber_Index(obj), &overflow)
+    if overflow:
+        raise ValueError(f"map id {obj} is out of range")
+    return v
+
+
+cdef int _int64(object obj, int64_t *out) except -1:
+    """1 and the value when the integer fits in int64, 0 when it does not (out of any range)."""
+    cdef int overflow = 0
+    cdef long long v = PyLong_AsLongLongAndOverflow(obj if isinstance(obj, int) else PyNumber_Index(obj),
+                                                    &overflow)
+    if overflow:
+        return 0
+    out[0] = v
+    return 1
+
+
+cdef int _get_buffer(object obj, Py_buffer *view) except -1:
+    """A flat byte view of any buffer, as memoryview(obj).cast("B") gives it."""
+    if type(obj) is bytes or type(obj) is bytearray:
+        return PyObject_GetBuffer(obj, view, PyBUF_SIMPLE)
+    return PyObject_GetBuffer(memoryview(obj).cast("B"), view, PyBUF_SIMPLE)
+
+
+cdef object _exception(State *st, Err *err, tuple keys):
+    cdef int kind = err.kind
+    if kind == E_KEY:
+        return KeyError(keys[err.a] if 0 <= err.a < len(keys) else None)
+    if kind == E_NOSPACE:
+        return NoSpace(f"the pool is full: {err.a} chunks of {st.cs} bytes in use")
+    if kind == E_CORRUPT:
+        return Corruption(f"short read at data offset {err.a}: the data file is truncated")
+    if kind == E_OS:
+        return OSError(err.errnum, _strerror(err.errnum))
+    if kind == E_NOMEM:
+        return MemoryError()
+    if kind == E_LOADING:
+        return ValueError("maps were loaded: finish_load must come first")
+    if kind == E_FINISHED:
+        return ValueError("loading is only valid before finish_load and before any write")
+    if kind == E_REFS:
+        return ValueError("a page is shared by too many maps")
+    return SystemError(f"cowstore._cengine: unexpected error {kind}")
+
+
+cdef bytes _directory(State *st, Map *m):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(8 * m.npages))
+    cdef uint64_t *ids = <uint64_t *>PyBytes_AS_STRING(out)
+    cdef uint64_t i
+    cdef uint64_t v
+    for i in range(m.npages):
+        v = m.pages[i].id if m.pages[i] != NULL else 0
+        cs_le64_copy(&ids[i], &v, 1)
+    return out
+
+
+cdef class Engine:
+    """Chunk pool and maps of one store. Thread-safe: reads run in parallel, changes alone."""
+
+    cdef State st
+    cdef pthread_rwlock_t lock
+    cdef bint lock_ready
+    cdef pthread_t writer       # the thread holding the lock exclusively while running Python code
+    cdef bint writer_active
+
+    def __cinit__(self, fd, chunk_size, page_entries):
+        cdef uint64_t shift = 0
+        if chunk_size <= 0 or chunk_size & (chunk_size - 1):
+            raise ValueError("chunk_size must be a power of two")
+        if page_entries <= 0:
+            raise ValueError("page_entries must be positive")
+        if chunk_size > MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE}")
+        if page_entries > MAX_PAGE_ENTRIES:
+            raise ValueError(f"page_entries must be at most {MAX_PAGE_ENTRIES}")
+        self.st.fd = fd
+        self.st.cs = chunk_size
+        while (<uint64_t>1 << shift) < self.st.cs:
+            shift += 1
+        self.st.cs_shift = <unsigned int>shift
+        self.st.cs_mask = self.st.cs - 1
+        self.st.pe = page_entries
+        self.st.page_bytes = sizeof(Page) + 8 * self.st.pe
+        self.st.max_slots = MAX_SLOT
+        self.st.next_page_id = 1
+        if ensure_slots(&self.st, 0):
+            raise MemoryError()
+        if cs_rwlock_init(&self.lock):
+            raise MemoryError("cannot create the engine's lock")
+        self.lock_ready = True
+
+    def __dealloc__(self):
+        cdef State *st = &self.st
+        cdef size_t i
+        cdef uint64_t j
+        cdef Page *p
+        cdef Map *m
+        # Unreferenced loaded pages first; every other page belongs to maps and is freed
+        # when its last map lets go of it.
+        for i in range(st.loaded_order.n):
+            p = <Page *>st.loaded_order.a[i]
+            if p.refs == 0:
+                free(p)
+        if st.maps.tab != NULL:
+            for i in range(st.maps.mask + 1):
+                m = <Map *>st.maps.tab[i].val
+                if m == NULL:
+                    continue
+                for j in range(m.npages):
+                    p = m.pages[j]
+                    if p != NULL:
+                        p.refs -= 1
+                        if p.refs == 0:
+                            free(p)
+                free_map(m)
+        free(st.maps.tab)
+        free(st.loaded.tab)
+        free(st.loaded_order.a)
+        free(st.refs)
+        free(st.freebit)
+        free(st.free.a)
+        free(st.pending.a)
+        free(st.dirty_pages.a)
+        free(st.dirty_maps.a)
+        free(st.dead.a)
+        free(st.scratch)
+        if self.lock_ready:
+            pthread_rwlock_destroy(&self.lock)
+
+    @property
+    def chunk_size(self):
+        return self.st.cs
+
+    @property
+    def page_entries(self):
+        return self.st.pe
+
+    cdef int _enter(self) except -1:
+        # Only take_changes runs Python code under the lock (exclusively): a finalizer run by
+        # its allocations must not wait for the lock its own thread holds.
+        if self.writer_active and pthread_equal(self.writer, pthread_self()):
+            raise RuntimeError("the engine was re-entered while it holds its lock")
+        return 0
+
+    cdef int _as_nchunks(self, object nchunks, object map_id, uint64_t *out) except -1:
+        cdef int64_t n
+        if not _int64(nchunks, &n) or n < 0 or <uint64_t>n > <uint64_t>INT64_MAX / self.st.cs:
+            raise ValueError(f"map {map_id} cannot have {nchunks} chunks of {self.st.cs} bytes")
+        out[0] = <uint64_t>n
+        return 0
+
+    # -- loading -------------------------------------------------------------
+
+    def load_page(self, page_id, blob):
+        """Register a stored page; only valid before `finish_load`."""
+        cdef State *st = &self.st
+        cdef Py_buffer view
+        cdef Page *page
+        cdef int64_t pid = 0
+        cdef bint fits
+        cdef int kind = E_OK
+        self._enter()
+        PyObject_GetBuffer(blob, &view, PyBUF_SIMPLE)
+        try:
+            if <uint64_t>view.len != 8 * st.pe:
+                raise ValueError(f"page {page_id} has {view.len} bytes, expected {8 * st.pe}")
+            fits = _int64(page_id, &pid)
+            if not fits or pid <= 0 or pid == INT64_MAX:
+                raise ValueError(f"page id {page_id} is invalid or repeated")
+            page = <Page *>malloc(st.page_bytes)
+            if page == NULL:
+                raise MemoryError()
+            page.id = <uint64_t>pid
+            page.refs = 0
+            page.dirty = 0
+            cs_le32_copy(ents(page), view.buf, 2 * st.pe)
+        finally:
+            PyBuffer_Release(&view)
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            if st.running:
+                kind = E_FINISHED
+            elif ht_get(&st.loaded, pid) != NULL:
+                kind = E_DUP_PAGE
+            elif ht_reserve(&st.loaded, 1) or ptr_reserve(&st.loaded_order, 1):
+                kind = E_NOMEM
+            else:
+                ht_put(&st.loaded, pid, page)
+                st.loaded_order.a[st.loaded_order.n] = page
+                st.loaded_order.n += 1
+                if st.next_page_id <= <uint64_t>pid:
+                    st.next_page_id = <uint64_t>pid + 1
+                st.loading = 1
+            pthread_rwlock_unlock(&self.lock)
+        if kind:
+            free(page)
+            if kind == E_DUP_PAGE:
+                raise ValueError(f"page id {page_id} is invalid or repeated")
+            raise MemoryError() if kind == E_NOMEM else ValueError(
+                "loading is only valid before finish_load and before any write")
+
+    def load_map(self, map_id, nchunks, directory):
+        """Register a stored map whose pages were loaded with `load_page`."""
+        cdef State *st = &self.st
+        cdef Py_buffer view
+        cdef uint64_t *ids = NULL
+        cdef uint64_t n, npages, want, i, j
+        cdef int64_t key
+        cdef Map *m = NULL
+        cdef Page *p
+        cdef Err err
+        memset(&err, 0, sizeof(Err))
+        PyObject_GetBuffer(directory, &view, PyBUF_SIMPLE)
+        try:
+            if view.len % 8:
+                raise ValueError("bytes length not a multiple of item size")
+            npages = <uint64_t>view.len / 8
+            if nchunks < 0:
+                raise ValueError(f"map {map_id} cannot have {nchunks} chunks")
+            want = -(-nchunks // st.pe)
+            if npages != want:
+                raise ValueError(f"map {map_id} directory has {npages} pages, expected {want}")
+            self._as_nchunks(nchunks, map_id, &n)
+            key = _new_key(map_id)
+            m = <Map *>calloc(1, sizeof(Map))
+            ids = <uint64_t *>malloc(8 * npages + 8)
+            if m == NULL or ids == NULL:
+                free(m)
+                free(ids)
+                raise MemoryError()
+            m.pages = <Page **>calloc(npages + 1, sizeof(Page *))
+            if m.pages == NULL:
+                free(m)
+                free(ids)
+                raise MemoryError()
+            cs_le64_copy(ids, view.buf, npages)
+        finally:
+            PyBuffer_Release(&view)
+        m.id = key
+        m.nchunks = n
+        m.npages = npages
+        try:
+            self._enter()
+        except BaseException:
+            free_map(m)
+            free(ids)
+            raise
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            if st.running:
+                err.kind = E_FINISHED
+            elif ht_get(&st.maps, key) != NULL:
+                err.kind = E_EXISTS
+            else:
+                for i in range(npages):
+                    if ids[i] == 0:
+                        continue
+                    p = NULL
+                    if ids[i] <= <uint64_t>INT64_MAX:
+                        p = <Page *>ht_get(&st.loaded, <int64_t>ids[i])
+                    if p == NULL:
+                        err.kind = E_NO_PAGE
+                        err.a = <int64_t>i
+                        break
+                    m.pages[i] = p
+                if err.kind == E_OK and ht_reserve(&st.maps, 1):
+                    err.kind = E_NOMEM
+                if err.kind == E_OK:
+                    for i in range(npages):
+                        p = m.pages[i]
+                        if p != NULL:
+                            if p.refs == 0xFFFFFFFFu:
+                                err.kind = E_REFS
+                                for j in range(i):
+                                    if m.pages[j] != NULL:
+                                        m.pages[j].refs -= 1
+                                break
+                            p.refs += 1
+                if err.kind == E_OK:
+                    ht_put(&st.maps, key, m)
+                    st.loading = 1
+            pthread_rwlock_unlock(&self.lock)
+        if err.kind:
+            free_map(m)
+            if err.kind == E_EXISTS:
+                free(ids)
+                raise ValueError(f"map {map_id} is loaded twice")
+            if err.kind == E_NO_PAGE:
+                i = ids[err.a]
+                free(ids)
+                raise ValueError(f"map {map_id} names page {i}, which does not exist")
+            free(ids)
+            raise _exception(st, &err, ())
+        free(ids)
+
+    def finish_load(self, nslots):
+        """Derive slot refcounts from the loaded pages; unreferenced pages become dead."""
+        cdef State *st = &self.st
+        cdef int64_t ns = 0
+        cdef uint64_t n, s, used = 0, zeros = 0, ndead = 0, bad_page = 0, bad_slot = 0
+        cdef size_t i, j
+        cdef uint32_t *refs = NULL
+        cdef uint8_t *bits = NULL
+        cdef uint32_t *e
+        cdef Page *p
+        cdef int kind = E_OK
+        if nslots > st.max_slots:
+            raise ValueError(f"pool of {nslots} slots exceeds the limit")
+        if not _int64(nslots, &ns) or ns < 0:
+            raise ValueError(f"pool of {nslots} slots is invalid")
+        n = <uint64_t>ns
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            if st.running:
+                kind = E_FINISHED
+            else:
+                # Validate everything before changing anything.
+                for i in range(st.loaded_order.n):
+                    p = <Page *>st.loaded_order.a[i]
+                    if p.refs == 0:
+                        ndead += 1
+                        continue
+                    e = ents(p)
+                    for j in range(st.pe):
+                        if e[j] > n:
+                            kind = E_SLOT_BEYOND
+                            bad_page = p.id
+                            bad_slot = e[j]
+                            break
+                    if kind:
+                        break
+            if kind == E_OK:
+                refs = <uint32_t *>calloc(n + 1, sizeof(uint32_t))
+                bits = <uint8_t *>calloc(bit_bytes(n + 1), 1)
+                if refs == NULL or bits == NULL or u64_reserve(&st.dead, ndead):
+                    kind = E_NOMEM
+            if kind == E_OK:
+                for i in range(st.loaded_order.n):
+                    p = <Page *>st.loaded_order.a[i]
+                    if p.refs:
+                        e = ents(p)
+                        for j in range(st.pe):
+                            if e[j]:
+                                refs[e[j]] += 1
+                for s in range(1, n + 1):
+                    if refs[s]:
+                        used += 1
+                zeros = n - used
+                if _grow(<void **>&st.free.a, &st.free.cap, zeros, sizeof(uint32_t)):
+                    kind = E_NOMEM
+            if kind == E_OK:
+                free(st.refs)
+                free(st.freebit)
+                st.refs = refs
+                st.freebit = bits
+                refs = NULL
+                bits = NULL
+                st.slot_cap = n + 1
+                st.nslots = n
+                st.used = used
+                st.free.n = 0
+                s = n
+                while s >= 1:
+                    if st.refs[s] == 0:
+                        free_push(st, <uint32_t>s)
+                    s -= 1
+                for i in range(st.loaded_order.n):
+                    p = <Page *>st.loaded_order.a[i]
+                    if p.refs == 0:
+                        st.dead.a[st.dead.n] = p.id
+                        st.dead.n += 1
+                        free(p)
+                st.loaded_order.n = 0
+                free(st.loaded.tab)
+                st.loaded.tab = NULL
+                st.loaded.n = 0
+                st.loaded.mask = 0
+                st.loading = 0
+                st.running = 1
+            pthread_rwlock_unlock(&self.lock)
+        free(refs)
+        free(bits)
+        if kind == E_SLOT_BEYOND:
+            raise ValueError(f"page {bad_page} names slot {bad_slot}, beyond the pool of {nslots}")
+        if kind == E_NOMEM:
+            raise MemoryError()
+        if kind == E_FINISHED:
+            raise ValueError("finish_load is only valid once, before any write")
+
+    def set_verify(self, verify):
+        """Check the sum of every chunk read that has one; a mismatch raises `Corruption`."""
+        cdef bint v = bool(verify)
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            self.st.verify = v
+            pthread_rwlock_unlock(&self.lock)
+
+    def set_max_slots(self, max_slots):
+        """Limit the pool: allocating beyond `max_slots` raises `NoSpace`."""
+        cdef int64_t v = -1
+        limit = min(max_slots, MAX_SLOT)
+        if not _int64(limit, &v) or v < -1:
+            v = -1     # any negative limit behaves as -1: nothing can be allocated
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            self.st.max_slots = v
+            pthread_rwlock_unlock(&self.lock)
+
+    # -- maps ----------------------------------------------------------------
+
+    def create_map(self, map_id, nchunks):
+        cdef State *st = &self.st
+        cdef int64_t key = _new_key(map_id)
+        cdef uint64_t n
+        cdef Map *m
+        cdef int kind = E_OK
+        self._as_nchunks(nchunks, map_id, &n)
+        m = <Map *>calloc(1, sizeof(Map))
+        if m == NULL:
+            raise MemoryError()
+        m.id = key
+        m.nchunks = n
+        m.npages = (n + st.pe - 1) / st.pe
+        m.pages = <Page **>calloc(m.npages + 1, sizeof(Page *))
+        if m.pages == NULL:
+            free(m)
+            raise MemoryError()
+        try:
+            self._enter()
+        except BaseException:
+            free_map(m)
+            raise
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            if ht_get(&st.maps, key) != NULL:
+                kind = E_EXISTS
+            elif ht_reserve(&st.maps, 1) or ptr_reserve(&st.dirty_maps, 1):
+                kind = E_NOMEM
+            else:
+                ht_put(&st.maps, key, m)
+                mark_map(st, m)
+            pthread_rwlock_unlock(&self.lock)
+        if kind:
+            free_map(m)
+            if kind == E_EXISTS:
+                raise ValueError(f"map {map_id} exists")
+            raise MemoryError()
+
+    def clone_map(self, map_id, source_id):
+        """A new map sharing every page of `source_id`: no entry or chunk is copied."""
+        cdef State *st = &self.st
+        cdef int64_t key = _new_key(map_id)
+        cdef int64_t skey = 0
+        cdef bint sfound = _lookup_key(source_id, &skey)
+        cdef Map *src
+        cdef Map *m = NULL
+        cdef uint64_t i, j
+        cdef int kind = E_OK
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            src = <Map *>ht_get(&st.maps, skey) if sfound else NULL
+            if ht_get(&st.maps, key) != NULL:
+                kind = E_EXISTS
+            elif src == NULL:
+                kind = E_KEY
+            else:
+                m = <Map *>calloc(1, sizeof(Map))
+                if m != NULL:
+                    m.pages = <Page **>malloc((src.npages + 1) * sizeof(Page *))
+                if m == NULL or m.pages == NULL or ht_reserve(&st.maps, 1) or ptr_reserve(&st.dirty_maps, 1):
+                    kind = E_NOMEM
+                else:
+                    m.id = key
+                    m.nchunks = src.nchunks
+                    m.npages = src.npages
+                    memcpy(m.pages, src.pages, src.npages * sizeof(Page *))
+                    for i in range(m.npages):
+                        if m.pages[i] != NULL:
+                            if m.pages[i].refs == 0xFFFFFFFFu:
+                                kind = E_REFS
+                                for j in range(i):
+                                    if m.pages[j] != NULL:
+                                        m.pages[j].refs -= 1
+                                break
+                            m.pages[i].refs += 1
+                    if kind == E_OK:
+                        ht_put(&st.maps, key, m)
+                        mark_map(st, m)
+                if kind and m != NULL:
+                    free_map(m)
+            pthread_rwlock_unlock(&self.lock)
+        if kind == E_EXISTS:
+            raise ValueError(f"map {map_id} exists")
+        if kind == E_KEY:
+            raise KeyError(source_id)
+        if kind == E_NOMEM:
+            raise MemoryError()
+        if kind == E_REFS:
+            raise ValueError("a page is shared by too many maps")
+
+    def drop_map(self, map_id):
+        cdef State *st = &self.st
+        cdef int64_t key = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        cdef Map *m
+        cdef Page *p
+        cdef uint64_t i, j, dying = 0, slots = 0
+        cdef uint32_t *e
+        cdef int kind = E_OK
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            m = <Map *>ht_get(&st.maps, key) if found else NULL
+            if m == NULL:
+                kind = E_KEY
+            elif st.loading:
+                kind = E_LOADING
+            else:
+                # Count what dies (a page can appear twice in a directory) to reserve room.
+                for i in range(m.npages):
+                    p = m.pages[i]
+                    if p != NULL:
+                        p.refs -= 1
+                        if p.refs == 0:
+                            dying += 1
+                            e = ents(p)
+                            for j in range(st.pe):
+                                if e[j]:
+                                    slots += 1
+                for i in range(m.npages):
+                    if m.pages[i] != NULL:
+                        m.pages[i].refs += 1
+                if u64_reserve(&st.dead, dying) or u32_reserve(&st.pending, slots):
+                    kind = E_NOMEM
+                else:
+                    st.running = 1
+                    ht_del(&st.maps, key)
+                    for i in range(m.npages):
+                        if m.pages[i] != NULL:
+                            unref_page(st, m.pages[i])
+                    if m.dirty:
+                        st.dirty_maps.a[m.dirty - 1] = NULL
+                    free_map(m)
+            pthread_rwlock_unlock(&self.lock)
+        if kind == E_KEY:
+            raise KeyError(map_id)
+        if kind:
+            raise MemoryError() if kind == E_NOMEM else ValueError(
+                "maps were loaded: finish_load must come first")
+
+    def has_map(self, map_id):
+        cdef int64_t key = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        if not found:
+            return False
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            found = ht_get(&self.st.maps, key) != NULL
+            pthread_rwlock_unlock(&self.lock)
+        return found
+
+    def map_directory(self, map_id):
+        cdef int64_t key = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        cdef Map *m = NULL
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            if found:
+                m = <Map *>ht_get(&self.st.maps, key)
+            if m == NULL:
+                pthread_rwlock_unlock(&self.lock)
+        if m == NULL:
+            raise KeyError(map_id)
+        try:
+            # bytes are not tracked by the GC: no finalizer can run here.
+            return _directory(&self.st, m)
+        finally:
+            pthread_rwlock_unlock(&self.lock)
+
+    # -- I/O -----------------------------------------------------------------
+
+    cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
+                   bint readonly) except -1:
+        cdef State *st = &self.st
+        cdef int64_t key = 0, off = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        cdef bint fits = _int64(offset, &off)
+        cdef Map *m
+        cdef Err err
+        cdef unsigned char *tmp = NULL
+        memset(&err, 0, sizeof(Err))
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            m = <Map *>ht_get(&st.maps, key) if found else NULL
+            if m == NULL:
+                err.kind = E_KEY
+            elif not range_ok(st, m, fits, off, length):
+                err.kind = E_RANGE
+            elif length and not readonly:
+                st_read(st, m, buf, <uint64_t>off, <uint64_t>length, &err, &tmp)
+            pthread_rwlock_unlock(&self.lock)
+            free(tmp)
+        if err.kind == E_RANGE:
+            raise ValueError(f"range {offset}+{length} is outside the map")
+        if err.kind == E_CHECKSUM:
+            raise Corruption(f"chunk {err.a} (slot {err.b}) of map {map_id} fails its checksum")
+        if err.kind:
+            raise _exception(st, &err, (map_id,))
+        if length and readonly:
+            raise TypeError("cannot modify read-only memory")
+        return 0
+
+    def pread(self, map_id, Py_ssize_t length, offset):
+        if length < 0:
+            raise ValueError("negative count")
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, length)
+        self._read(map_id, <unsigned char *>PyBytes_AS_STRING(out), length, offset, False)
+        return out
+
+    def read(self, map_id, buffer, offset):
+        """Fill `buffer` (any writable buffer) with the map's bytes from `offset`."""
+        cdef Py_buffer view
+        _get_buffer(buffer, &view)
+        try:
+            self._read(map_id, <unsigned char *>view.buf, view.len, offset, view.readonly)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1:
+        cdef State *st = &self.st
+        cdef int64_t key = 0, off = 0, n = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        cdef bint fits = _int64(offset, &off) & _int64(length, &n)
+        cdef Map *m
+        cdef Err err
+        memset(&err, 0, sizeof(Err))
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            m = <Map *>ht_get(&st.maps, key) if found else NULL
+            if m == NULL:
+                err.kind = E_KEY
+            elif not range_ok(st, m, fits, off, n):
+                err.kind = E_RANGE
+            elif st.loading:
+                err.kind = E_LOADING
+            else:
+                st_write(st, m, data, <uint64_t>off, <uint64_t>n, &err)
+            pthread_rwlock_unlock(&self.lock)
+        if err.kind == E_RANGE:
+            raise ValueError(f"range {offset}+{length} is outside the map")
+        if err.kind:
+            raise _exception(st, &err, (map_id,))
+        return 0
+
+    def write(self, map_id, data, offset):
+        """Write `data` (any buffer) at `offset`, copying shared pages and chunks first."""
+        cdef Py_buffer view
+        _get_buffer(data, &view)
+        try:
+            self._write(map_id, <const unsigned char *>view.buf, offset, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    def zero(self, map_id, offset, length):
+        """Make a range read as zeros; whole chunks become unallocated."""
+        self._write(map_id, NULL, offset, length)
+
+    def seal(self, map_id):
+        """Compute the missing chunk sums of a map (at commit); returns how many it computed."""
+        cdef State *st = &self.st
+        cdef int64_t key = 0
+        cdef bint found = _lookup_key(map_id, &key)
+        cdef Map *m
+        cdef Page *p
+        cdef uint64_t i, j, count = 0
+        cdef uint32_t *e
+        cdef uint32_t *s
+        cdef Err err
+        memset(&err, 0, sizeof(Err))
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            m = <Map *>ht_get(&st.maps, key) if found else NULL
+            if m == NULL:
+                err.kind = E_KEY
+            elif st.scratch == NULL:
+                st.scratch = <unsigned char *>malloc(st.cs)
+                if st.scratch == NULL:
+                    err.kind = E_NOMEM
+            if err.kind == E_OK:
+                for i in range(m.npages):
+                    p = m.pages[i]
+                    if p == NULL:
+                        continue
+                    e = ents(p)
+                    s = sums(st, p)
+                    for j in range(st.pe):
+                        if e[j] and not s[j]:
+                            if reserve_dirty_pages(st, 1):
+                                err.kind = E_NOMEM
+                                break
+                            if pread_full(st.fd, st.scratch, st.cs, (<uint64_t>e[j] - 1) * st.cs, &err) < 0:
+                                break
+                            s[j] = chunk_crc(st.scratch, st.cs)
+                            mark_page(st, p)
+                            count += 1
+                    if err.kind:
+                        break
+            pthread_rwlock_unlock(&self.lock)
+        if err.kind:
+            raise _exception(st, &err, (map_id,))
+        return count
+
+    def flush_data(self):
+        cdef int fd = self.st.fd, rc
+        with nogil:
+            rc = fsync(fd)
+            while rc < 0 and errno == EINTR:
+                rc = fsync(fd)
+            if rc < 0:
+                rc = errno
+        if rc:
+            raise OSError(rc, _strerror(rc))
+
+    # -- introspection -------------------------------------------------------
+
+    def depth_runs(self, chain, first_chunk, count):
+        """Runs of (chunks, depth, allocated) for chunks of chain[0]: depth k+1 means the
+        map chain[k] supplies the chunk (its entry differs from chain[k+1]'s), 0 none."""
+        cdef State *st = &self.st
+        cdef tuple ids = tuple(chain)
+        cdef size_t nmaps = len(ids), i
+        cdef int64_t *keys
+        cdef uint8_t *found
+        cdef Map **maps
+        cdef int64_t first = 0, cnt = 0
+        cdef bint fits
+        cdef DepthRuns runs
+        cdef Err err
+        if nmaps == 0:
+            raise ValueError("the chain is empty")
+        fits = _int64(first_chunk, &first) & _int64(count, &cnt)
+        runs.a = NULL
+        runs.n = runs.cap = 0
+        memset(&err, 0, sizeof(Err))
+        keys = <int64_t *>malloc(nmaps * sizeof(int64_t))
+        found = <uint8_t *>malloc(nmaps)
+        maps = <Map **>malloc(nmaps * sizeof(Map *))
+        try:
+            if keys == NULL or found == NULL or maps == NULL:
+                raise MemoryError()
+            for i in range(nmaps):
+                found[i] = _lookup_key(ids[i], &keys[i])
+            self._enter()
+            with nogil:
+                pthread_rwlock_rdlock(&self.lock)
+                for i in range(nmaps):
+                    maps[i] = <Map *>ht_get(&st.maps, keys[i]) if found[i] else NULL
+                    if maps[i] == NULL:
+                        err.kind = E_KEY
+                        err.a = <int64_t>i
+                        break
+                if err.kind == E_OK:
+                    if not fits or first < 0 or cnt < 0 or <uint64_t>first > maps[0].nchunks or \
+                            <uint64_t>cnt > maps[0].nchunks - <uint64_t>first:
+                        err.kind = E_RANGE
+                    elif st_depth_runs(st, maps, nmaps, <uint64_t>first, <uint64_t>cnt, &runs):
+                        err.kind = E_NOMEM
+                pthread_rwlock_unlock(&self.lock)
+            if err.kind == E_RANGE:
+                raise ValueError(
+                    f"range {first_chunk * st.cs}+{count * st.cs} is outside the map")
+            if err.kind:
+                raise _exception(st, &err, ids)
+            return [(runs.a[i].count, runs.a[i].depth, runs.a[i].allocated != 0) for i in range(runs.n)]
+        finally:
+            free(keys)
+            free(found)
+            free(maps)
+            free(runs.a)
+
+    def diff_runs(self, a_id, b_id):
+        """Runs of (first_chunk, count) whose slots differ between two maps."""
+        cdef State *st = &self.st
+        cdef int64_t ka = 0, kb = 0
+        cdef bint fa = _lookup_key(a_id, &ka)
+        cdef bint fb = _lookup_key(b_id, &kb)
+        cdef Map *a
+        cdef Map *b
+        cdef DiffRuns runs
+        cdef Err err
+        cdef size_t i
+        runs.a = NULL
+        runs.n = runs.cap = 0
+        memset(&err, 0, sizeof(Err))
+        self._enter()
+        try:
+            with nogil:
+                pthread_rwlock_rdlock(&self.lock)
+                a = <Map *>ht_get(&st.maps, ka) if fa else NULL
+                b = <Map *>ht_get(&st.maps, kb) if fb else NULL
+                if a == NULL:
+                    err.kind = E_KEY
+                    err.a = 0
+                elif b == NULL:
+                    err.kind = E_KEY
+                    err.a = 1
+                elif st_diff_runs(st, a, b, &runs):
+                    err.kind = E_NOMEM
+                pthread_rwlock_unlock(&self.lock)
+            if err.kind:
+                raise _exception(st, &err, (a_id, b_id))
+            return [(runs.a[i].first, runs.a[i].count) for i in range(runs.n)]
+        finally:
+            free(runs.a)
+
+    def exclusive_chunks(self, map_id, parent_id):
+        """Chunks allocated in the map that its parent does not share."""
+        cdef State *st = &self.st
+        cdef int64_t km = 0, kp = 0
+        cdef bint fm = _lookup_key(map_id, &km)
+        cdef bint has_parent = parent_id is not None
+        cdef bint fp = has_parent and _lookup_key(parent_id, &kp)
+        cdef Map *m
+        cdef Map *parent = NULL
+        cdef uint64_t count = 0
+        cdef Err err
+        memset(&err, 0, sizeof(Err))
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            m = <Map *>ht_get(&st.maps, km) if fm else NULL
+            if has_parent and fp:
+                parent = <Map *>ht_get(&st.maps, kp)
+            if m == NULL:
+                err.kind = E_KEY
+                err.a = 0
+            elif has_parent and parent == NULL:
+                err.kind = E_KEY
+                err.a = 1
+            else:
+                count = st_exclusive(st, m, parent)
+            pthread_rwlock_unlock(&self.lock)
+        if err.kind:
+            raise _exception(st, &err, (map_id, parent_id))
+        return count
+
+    def stats(self):
+        cdef State *st = &self.st
+        cdef uint64_t slots, used, nfree, pending, maps
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            slots = st.nslots
+            used = st.used
+            nfree = st.free.n
+            pending = st.pending.n
+            maps = st.maps.n
+            pthread_rwlock_unlock(&self.lock)
+        return {"slots": slots, "used": used, "free": nfree, "pending": pending, "maps": maps}
+
+    def refcounts(self):
+        """Slot refcounts as little-endian uint32, index 0 unused: for `Store.check`."""
+        cdef State *st = &self.st
+        cdef bytes out
+        self._enter()
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+        try:
+            # bytes are not tracked by the GC: no finalizer can run here.
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(4 * (st.nslots + 1)))
+            cs_le32_copy(PyBytes_AS_STRING(out), st.refs, st.nslots + 1)
+            return out
+        finally:
+            pthread_rwlock_unlock(&self.lock)
+
+    def take_free(self):
+        """Take every free slot out of circulation (to punch holes), ascending; `release` returns them."""
+        cdef State *st = &self.st
+        cdef size_t i
+        cdef uint32_t s
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+        self.writer = pthread_self()
+        self.writer_active = True
+        try:
+            free_slots = sorted([st.free.a[i] for i in range(st.free.n)])
+            for i in range(st.free.n):
+                s = st.free.a[i]
+                st.freebit[s >> 3] &= <uint8_t>~(1 << (s & 7))
+            st.free.n = 0
+            return free_slots
+        finally:
+            self.writer_active = False
+            pthread_rwlock_unlock(&self.lock)
+
+    def trim_free_tail(self):
+        """Shrink the pool and the data file past its last used or pending slot; returns the pool size."""
+        cdef State *st = &self.st
+        cdef uint64_t n
+        cdef size_t i, j
+        cdef uint32_t s
+        cdef int rc = 0
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            n = st.nslots
+            while n and is_free(st, <uint32_t>n):
+                n -= 1
+            if n < st.nslots:
+                rc = ftruncate(st.fd, <off_t>(n * st.cs))
+                while rc < 0 and errno == EINTR:
+                    rc = ftruncate(st.fd, <off_t>(n * st.cs))
+                if rc < 0:
+                    rc = errno
+                else:
+                    j = 0
+                    for i in range(st.free.n):
+                        s = st.free.a[i]
+                        if s <= n:
+                            st.free.a[j] = s
+                            j += 1
+                        else:
+                            st.freebit[s >> 3] &= <uint8_t>~(1 << (s & 7))
+                    st.free.n = j
+                    st.nslots = n
+            pthread_rwlock_unlock(&self.lock)
+        if rc:
+            raise OSError(rc, _strerror(rc))
+        return n
+
+    # -- persistence ---------------------------------------------------------
+
+    def take_changes(self):
+        """Hand over everything changed since the last call; the caller makes it durable."""
+        cdef State *st = &self.st
+        cdef size_t i
+        cdef Page *p
+        cdef Map *m
+        cdef bytes blob
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+        self.writer = pthread_self()
+        self.writer_active = True
+        try:
+            pages = []
+            for i in range(st.dirty_pages.n):
+                p = <Page *>st.dirty_pages.a[i]
+                if p != NULL:
+                    blob = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(8 * st.pe))
+                    cs_le32_copy(PyBytes_AS_STRING(blob), ents(p), 2 * st.pe)
+                    pages.append((p.id, blob))
+            maps = []
+            for i in range(st.dirty_maps.n):
+                m = <Map *>st.dirty_maps.a[i]
+                if m != NULL:
+                    maps.append((m.id, _directory(st, m)))
+            maps.sort()
+            changes = Changes(pages, [st.dead.a[i] for i in range(st.dead.n)], maps,
+                              [st.pending.a[i] for i in range(st.pending.n)])
+            # Nothing can fail from here on: hand the changes over.
+            for i in range(st.dirty_pages.n):
+                p = <Page *>st.dirty_pages.a[i]
+                if p != NULL:
+                    p.dirty = 0
+            for i in range(st.dirty_maps.n):
+                m = <Map *>st.dirty_maps.a[i]
+                if m != NULL:
+                    m.dirty = 0
+            st.dirty_pages.n = 0
+            st.dirty_maps.n = 0
+            st.dead.n = 0
+            st.pending.n = 0
+            return changes
+        finally:
+            self.writer_active = False
+            pthread_rwlock_unlock(&self.lock)
+
+    def release(self, freed):
+        """Make slots freed by durable metadata available again."""
+        cdef State *st = &self.st
+        cdef list items = list(freed)
+        cdef size_t n = len(items), i, j
+        cdef uint32_t *slots
+        cdef uint32_t s
+        cdef int64_t v
+        cdef int kind = E_OK
+        cdef size_t bad = 0
+        if n == 0:
+            return
+        slots = <uint32_t *>malloc(n * sizeof(uint32_t))
+        if slots == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                if not _int64(items[i], &v) or v <= 0 or v > <int64_t>0xFFFFFFFF:
+                    raise ValueError(f"slot {items[i]} is not in the pool")
+                slots[i] = <uint32_t>v
+            self._enter()
+            with nogil:
+                pthread_rwlock_wrlock(&self.lock)
+                if u32_reserve(&st.free, n):
+                    kind = E_NOMEM
+                else:
+                    for i in range(n):
+                        s = slots[i]
+                        if s > st.nslots or st.refs[s] != 0 or is_free(st, s):
+                            kind = E_BAD_SLOT
+                            bad = i
+                            # undo the marks of this call
+                            for j in range(i):
+                                st.freebit[slots[j] >> 3] &= <uint8_t>~(1 << (slots[j] & 7))
+                            break
+                        st.freebit[s >> 3] |= <uint8_t>(1 << (s & 7))
+                    if kind == E_OK:
+                        for i in range(n):
+                            st.free.a[st.free.n] = slots[i]
+                            st.free.n += 1
+                pthread_rwlock_unlock(&self.lock)
+            if kind == E_NOMEM:
+                raise MemoryError()
+            if kind == E_BAD_SLOT:
+                raise ValueError(f"slot {items[bad]} is not a freed slot of the pool")
+        finally:
+            free(slots)
