@@ -1,0 +1,519 @@
+"""Power cuts: a file system that forgets every change not yet fsynced, and cowstore on it.
+
+SIGKILL (tests/test_crash.py) leaves the page cache intact, so it cannot catch a missing
+or misordered fsync. Here the store lives on tests/powercut_fs.py, a FUSE file system that
+keeps every change in memory until the fsync POSIX requires for it: file contents at
+fsync of the file, names at fsync of their directory. A cut drops the rest, and its
+backing directory is then what a disk would hold after the power loss.
+
+Each round mounts the disk afresh, opens the store, checks it against what the previous
+round left durable, runs tests/crashload.py's random workload in this process, and cuts
+the power: between operations, at the n-th fsync from now (before or after it reaches the
+disk), or from a timer thread in the middle of whatever runs. The store object is then
+abandoned, never closed. The verdict is test_crash.py's: everything up to the last durable
+step exactly; later writes per chunk as some prefix of them in order; a call cut short
+may or may not have happened. The last round's disk is also opened without FUSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import sqlite3
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cowstore
+from tests.crashload import CHUNK, SIZE, Workload
+from tests.powercut_fs import PowerCutMount, mounted, unavailable
+from tests.test_crash import Model, differences, observe, replay
+
+STRESS = bool(os.environ.get("COWSTORE_STRESS"))
+CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 20))
+STRESS_CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 400))
+SELF_TEST_CUTS = 30
+MAX_STEPS = 300
+MODES = ("between", "fsync", "timer")
+
+
+@pytest.fixture(scope="module")
+def fuse_works(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skips (fails in CI) where FUSE, libfuse 3 or mfusepy is missing, or mounting is refused."""
+    why = unavailable()
+    if why is None:
+        where = tmp_path_factory.mktemp("probe")
+        try:
+            with PowerCutMount(where / "disk", where / "mnt") as m:
+                (m.path / "probe").write_bytes(b"ok")
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            why = f"cannot mount the power-cut file system: {exc}"
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"power-cut tests must run in CI: {why}")
+        pytest.skip(why)
+
+
+@pytest.fixture
+def disk(fuse_works: None, tmp_path: Path) -> Path:
+    """An empty disk (a backing directory) for power-cut mounts."""
+    (tmp_path / "disk").mkdir()
+    return tmp_path / "disk"
+
+
+def mount(disk: Path, *, direct_io: bool = False) -> PowerCutMount:
+    return PowerCutMount(disk, disk.parent / "mnt", direct_io=direct_io)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes, *, sync_file: bool, sync_dir: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if sync_file:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if sync_dir:
+        fsync_path(path.parent)
+
+
+# -- the file system catches what it must -----------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_write_survives_a_cut_only_if_it_was_fsynced(disk: Path, fsync: bool) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"", sync_file=True, sync_dir=True)
+        write_file(m.path / "f", b"precious", sync_file=fsync, sync_dir=False)
+        assert (m.path / "f").read_bytes() == b"precious"
+        m.cut()
+    assert (disk / "f").read_bytes() == (b"precious" if fsync else b"")
+
+
+@pytest.mark.parametrize("fsync_dir", [False, True])
+def test_a_new_name_survives_a_cut_only_if_its_directory_was_fsynced(disk: Path, fsync_dir: bool) -> None:
+    with mount(disk) as m:
+        (m.path / "d").mkdir()
+        fsync_path(m.path)
+        write_file(m.path / "d" / "f", b"data", sync_file=True, sync_dir=fsync_dir)
+        fsync_path(m.path)
+        m.cut()
+    assert os.listdir(disk / "d") == (["f"] if fsync_dir else [])
+    if fsync_dir:
+        assert (disk / "d" / "f").read_bytes() == b"data"
+
+
+def test_a_durable_name_of_a_file_never_fsynced_is_an_empty_file(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"data", sync_file=False, sync_dir=True)
+        m.cut()
+    assert (disk / "f").read_bytes() == b""
+
+
+def test_rename_and_unlink_are_undone_by_a_cut_before_the_directory_fsync(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "a", b"A", sync_file=True, sync_dir=False)
+        write_file(m.path / "b", b"B", sync_file=True, sync_dir=True)
+        os.rename(m.path / "a", m.path / "c")
+        os.unlink(m.path / "b")
+        assert sorted(os.listdir(m.path)) == ["c"]
+        m.cut()
+    assert sorted(os.listdir(disk)) == ["a", "b"]
+    assert (disk / "a").read_bytes() + (disk / "b").read_bytes() == b"AB"
+
+
+def test_rename_over_a_name_is_durable_at_the_directory_fsync(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "target", b"old", sync_file=True, sync_dir=True)
+        write_file(m.path / "tmp", b"new", sync_file=True, sync_dir=False)
+        os.rename(m.path / "tmp", m.path / "target")
+        fsync_path(m.path)
+        m.cut()
+    assert os.listdir(disk) == ["target"]
+    assert (disk / "target").read_bytes() == b"new"
+
+
+def test_truncate_and_punched_holes_are_undone_by_a_cut_before_fsync(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"x" * 10000, sync_file=True, sync_dir=True)
+        fd = os.open(m.path / "f", os.O_RDWR)
+        os.ftruncate(fd, 10)
+        os.ftruncate(fd, 100)
+        assert os.pread(fd, 100, 0) == b"x" * 10 + bytes(90)
+        os.close(fd)
+        m.cut()
+    assert (disk / "f").read_bytes() == b"x" * 10000
+
+
+def test_a_hole_punched_and_fsynced_reads_as_zeros(disk: Path) -> None:
+    from cowstore import _fs
+
+    with mount(disk) as m:
+        write_file(m.path / "f", b"x" * 3 * 4096, sync_file=True, sync_dir=True)
+        fd = os.open(m.path / "f", os.O_RDWR)
+        assert _fs.punch_hole(fd, 4096, 4096)
+        assert os.pread(fd, 3 * 4096, 0) == b"x" * 4096 + bytes(4096) + b"x" * 4096
+        os.fsync(fd)
+        os.close(fd)
+    assert (disk / "f").read_bytes() == b"x" * 4096 + bytes(4096) + b"x" * 4096
+
+
+def test_a_write_at_a_huge_offset_is_held_sparsely(disk: Path) -> None:
+    offset = 1 << 40
+    with mount(disk) as m:
+        fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        os.pwrite(fd, b"far", offset)
+        assert os.fstat(fd).st_size == offset + 3
+        assert os.pread(fd, 6, offset - 3) == b"\0\0\0far"
+        os.fsync(fd)
+        os.close(fd)
+        fsync_path(m.path)
+    st = os.stat(disk / "f")
+    assert st.st_size == offset + 3 and st.st_blocks * 512 < 1 << 20
+    with open(disk / "f", "rb") as f:
+        f.seek(offset)
+        assert f.read() == b"far"
+
+
+def test_handles_opened_before_a_cut_fail_and_reach_nothing(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"before", sync_file=True, sync_dir=True)
+        fd = os.open(m.path / "f", os.O_RDWR)
+        try:
+            m.cut()
+            for call in (
+                lambda: os.pwrite(fd, b"after!", 0),
+                lambda: os.pread(fd, 6, 0),
+                lambda: os.fsync(fd),
+            ):
+                with pytest.raises(OSError) as info:
+                    call()
+                assert info.value.errno == errno.EIO
+            with pytest.raises(OSError):
+                (m.path / "new").write_bytes(b"x")
+        finally:
+            os.close(fd)
+    assert os.listdir(disk) == ["f"]
+    assert (disk / "f").read_bytes() == b"before"
+
+
+def test_an_unlinked_open_file_keeps_working_until_closed(disk: Path) -> None:
+    with mount(disk) as m:
+        fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.unlink(m.path / "f")
+            os.pwrite(fd, b"ghost", 0)
+            os.ftruncate(fd, 3)
+            assert os.pread(fd, 10, 0) == b"gho"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert os.listdir(m.path) == []
+        fsync_path(m.path)
+    assert os.listdir(disk) == []
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_an_armed_cut_strikes_at_the_chosen_fsync(disk: Path, before: bool) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"", sync_file=True, sync_dir=True)
+        m.arm(2, before=before)
+        fd = os.open(m.path / "f", os.O_WRONLY)
+        os.write(fd, b"one")
+        os.fsync(fd)
+        os.pwrite(fd, b"two", 0)
+        with pytest.raises(OSError):
+            os.fsync(fd)
+        os.close(fd)
+        assert m.dead
+    assert (disk / "f").read_bytes() == (b"one" if before else b"two")
+
+
+@pytest.mark.parametrize("mode", ["wal", "wal-exclusive", "wal-exclusive-direct-io"])
+def test_sqlite_keeps_committed_transactions_and_drops_the_open_one(disk: Path, mode: str) -> None:
+    """SQLite's own fsyncs suffice on this file system (normal WAL mmaps its -shm file)."""
+    with mount(disk, direct_io=mode.endswith("direct-io")) as m:
+        db = sqlite3.connect(m.path / "db", isolation_level=None)
+        if "exclusive" in mode:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        assert db.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE t (x)")
+        for i in range(20):
+            db.execute("INSERT INTO t VALUES (?)", (i,))
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t VALUES (-1)")
+        m.cut()
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+    db = sqlite3.connect(disk / "db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert [x for (x,) in db.execute("SELECT x FROM t ORDER BY rowid")] == list(range(20))
+    finally:
+        db.close()
+
+
+# -- cowstore under power cuts -----------------------------------------------------------
+
+
+class MemoryLog:
+    """crashload's log kept in memory: the process survives the cut, so the log needs no disk."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def record(self, ev: str, **fields: Any) -> None:
+        self.records.append(json.loads(json.dumps({"ev": ev, **fields})))
+
+    def sync(self) -> None:
+        return None
+
+
+class SkipDataFsync:
+    """Wraps an engine so that a durable step never fsyncs the data file: a self-test's bug."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def flush_data(self) -> None:
+        return None
+
+
+class LateDataFsync(SkipDataFsync):
+    """Fsyncs the data file after the metadata naming it is committed, not before: a self-test's bug."""
+
+    def release(self, slots: Any) -> None:
+        self._engine.flush_data()
+        self._engine.release(slots)
+
+
+@dataclass
+class Round:
+    """One power-on period: what ran, how the power went, and what the next boot found wrong."""
+
+    number: int
+    seed: int
+    mode: str
+    direct_io: bool
+    records: list[dict[str, Any]] = field(default_factory=list)
+    why: str = ""
+    interrupted: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        tail = "\n    ".join(json.dumps(r) for r in self.records[-8:])
+        problems = "\n    ".join(self.problems[:12])
+        ops = sum(1 for r in self.records if r["ev"] == "begin")
+        return (
+            f"round {self.number} (seed {self.seed}, cut {self.mode}: {self.why}; "
+            f"direct_io={self.direct_io}; interrupted {self.interrupted}), {ops} operations:\n"
+            f"  problems:\n    {problems}\n  last records:\n    {tail}"
+        )
+
+
+def abandon(store: cowstore.Store) -> None:
+    """Let go of a store whose power is gone: its handles point into a dead mount, so this writes nothing."""
+    with contextlib.suppress(Exception):
+        store._meta.close()
+    for fd in (store._data_fd, store._lock_fd):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    store._closed = True
+
+
+def verify(store: cowstore.Store, candidates: list[Model]) -> tuple[Model, list[str]]:
+    """The store as found, and how it falls outside every state the model allows."""
+    seen, problems = observe(store)
+    report = store.check()
+    problems += [f"check: {p.what} ({p.where})" for p in report.problems]
+    if not problems:
+        verdicts = [differences(seen, expected) for expected in candidates]
+        if all(verdicts):
+            problems = [p for v in verdicts for p in v]
+    return seen, problems
+
+
+def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random.Random) -> None:
+    """The workload, until the power goes; an error while the power is still on fails the test."""
+    log = MemoryLog()
+    r.records = log.records
+    workload = Workload(store, log, r.seed)
+    steps = rng.randint(0, 40) if r.mode == "between" else MAX_STEPS
+    timer = None
+    if r.mode == "fsync":
+        m.arm(rng.randint(1, 10), before=rng.random() < 0.5)
+    elif r.mode == "timer":
+        timer = threading.Timer(rng.uniform(0.0, 0.15), m.cut)
+        timer.start()
+    try:
+        for n in range(steps):
+            workload.step(n)
+    except Exception as exc:
+        if not m.dead:
+            raise
+        begun = [rec for rec in log.records if rec["ev"] == "begin"]
+        r.interrupted = f"{begun[-1]['op']} ({type(exc).__name__})" if begun else type(exc).__name__
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+    r.why = m.cut()["why"]
+
+
+def power_cut_rounds(
+    tmp_path: Path,
+    engine: str,
+    cuts: int,
+    *,
+    sabotage: type[SkipDataFsync] | None = None,
+    modes: tuple[str, ...] = MODES,
+) -> list[Round]:
+    """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
+    rng = random.Random(int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32))))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    candidates: list[Model] = [{}]
+    rounds: list[Round] = []
+    for number in range(cuts):
+        r = Round(number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5)
+        with mount(disk, direct_io=r.direct_io) as m:
+            try:
+                store = cowstore.open(
+                    m.path / "store", create=number == 0, chunk_size=CHUNK, default_size=SIZE, engine=engine
+                )
+            except Exception as exc:
+                if not rounds:
+                    raise
+                rounds[-1].problems = [f"reopen failed: {exc!r}"]
+                return rounds
+            try:
+                if number:
+                    _, rounds[-1].problems = verify(store, candidates)
+                    if rounds[-1].problems:
+                        return rounds
+                if sabotage is not None:
+                    store._engine = sabotage(store._engine)
+                start, _ = observe(store)
+                run_until_cut(m, store, r, rng)
+            finally:
+                abandon(store)
+        candidates = replay(start, r.records)
+        rounds.append(r)
+    assert not mounted(disk.parent / "mnt")
+    try:
+        store = cowstore.open(disk / "store", engine=engine)
+    except Exception as exc:
+        rounds[-1].problems = [f"reopen without FUSE failed: {exc!r}"]
+        return rounds
+    with store:
+        _, rounds[-1].problems = verify(store, candidates)
+    return rounds
+
+
+def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
+    began = time.monotonic()
+    rounds = power_cut_rounds(tmp_path, engine, cuts)
+    failed = [r for r in rounds if r.problems]
+    assert not failed, failed[0].report()
+    ops = sum(1 for r in rounds for rec in r.records if rec["ev"] == "begin")
+    modes = Counter(r.mode for r in rounds)
+    cut_short = Counter(r.interrupted.split()[0] for r in rounds if r.interrupted)
+    print(
+        f"\n{engine}: {len(rounds)} power cuts ({dict(modes)}), {ops} operations, "
+        f"calls cut short: {dict(cut_short)}, {time.monotonic() - began:.1f} s"
+    )
+
+
+def test_flushed_writes_and_snapshotter_calls_survive_power_cuts(
+    engine: str, fuse_works: None, tmp_path: Path
+) -> None:
+    check_survives(tmp_path, engine, CUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STRESS, reason="hundreds of power cuts: run by `make stress` (COWSTORE_STRESS=1)")
+def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts(
+    engine: str, fuse_works: None, tmp_path: Path
+) -> None:
+    check_survives(tmp_path, engine, STRESS_CUTS)
+
+
+@pytest.mark.parametrize(
+    ("sabotage", "modes"),
+    [(SkipDataFsync, ("between",)), (LateDataFsync, ("fsync",))],
+    ids=["missing", "after-metadata"],
+)
+def test_harness_catches_a_store_whose_data_fsync_is_missing_or_late(
+    fuse_works: None, tmp_path: Path, sabotage: type[SkipDataFsync], modes: tuple[str, ...]
+) -> None:
+    """The harness's own test: metadata durable before the data it names must be caught."""
+    rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, modes=modes)
+    problems = rounds[-1].problems
+    assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
+    assert any("matches neither" in p or "beyond the pool" in p for p in problems), rounds[-1].report()
+
+
+# -- store creation ----------------------------------------------------------------------
+
+
+def create(path: Path) -> None:
+    cowstore.open(path, create=True, chunk_size=CHUNK, default_size=SIZE).close()
+
+
+def test_store_creation_cut_at_any_fsync_leaves_no_store_or_a_whole_store(
+    fuse_works: None, tmp_path: Path
+) -> None:
+    """A cut before or after each fsync of `open(create=True)`: no store or an empty whole one, never half."""
+    first = tmp_path / "first"
+    first.mkdir()
+    with mount(first) as m:
+        create(m.path / "store")
+        syncs = m.state()["syncs"]
+    assert syncs >= 4
+    outcomes: Counter[str] = Counter()
+    for n in range(1, syncs + 1):
+        for before in (True, False):
+            disk = tmp_path / f"disk-{n}-{'before' if before else 'after'}"
+            disk.mkdir()
+            with mount(disk) as m:
+                m.arm(n, before=before)
+                with pytest.raises((OSError, cowstore.Error, sqlite3.Error)):
+                    create(m.path / "store")
+                assert m.dead
+            assert sorted(os.listdir(disk)) in ([], ["store"])
+            if (disk / "store").exists():
+                with cowstore.open(disk / "store") as s:
+                    assert s.check().ok and list(s.walk()) == []
+                    assert (s.chunk_size, s.default_size) == (CHUNK, SIZE)
+                outcomes["whole store"] += 1
+            else:
+                outcomes["no store"] += 1
+            create(disk / "store")
+            with cowstore.open(disk / "store") as s:
+                s.prepare("a").pwrite(b"works", 0)
+                s.commit("img", "a")
+                assert s.view("v", "img").pread(5, 0) == b"works"
+            shutil.rmtree(disk)
+    print(f"\nstore creation cut before and after each of its {syncs} fsyncs: {dict(outcomes)}")
