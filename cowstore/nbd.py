@@ -10,11 +10,11 @@ A thread blocked in `recv` or `sendmsg` costs nothing, and the engine releases t
 while it copies data, so requests on different connections run in parallel. Measured
 with `fio --ioengine=nbd` against an asyncio variant running this same request code
 (a BufferedProtocol, replies by `transport.writelines`), on 2 cores with the Cython
-engine: one connection, 4 KiB random reads at queue depth 16 were a tie within noise
-(about 20k IOPS each; 15 vs 21 us of server CPU per request), 1 MiB reads at queue depth 4
+engine: one connection, 4 KiB random reads at queue depth 16 were close, within noise
+(20k vs 17k IOPS median; 15 vs 21 us of server CPU per request), 1 MiB reads at queue depth 4
 ran 2.2x faster with threads (920 vs 420 MiB/s median) because asyncio on Python 3.11
 joins each batch of replies into one new buffer and runs every connection on one thread;
-four connections gave threads 1.25-1.6x more on both.
+with four connections threads did 1.15-1.6x better on both jobs.
 
 The hot path avoids per-request system calls and allocations:
 
