@@ -140,7 +140,7 @@ _EXPECTED = (
 )
 
 
-def nbd_errno(exc: BaseException) -> int:
+def _nbd_errno(exc: BaseException) -> int:
     """The NBD error number that reports `exc` to a client."""
     if isinstance(exc, _RequestError):
         return exc.error
@@ -168,9 +168,9 @@ def _is_loopback(host: str) -> bool:
         return False
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+        return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+    except (socket.gaierror, ValueError):
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 class Server:
@@ -181,7 +181,8 @@ class Server:
     when it names exactly one key, the empty export name "" means that key. The server
     listens on `host`:`port` (port 0 picks a free port, see `address`) or on the unix
     socket `socket_path`. A host that is not loopback needs `allow_remote=True`: NBD has
-    no authentication.
+    no authentication. A client gets `handshake_timeout` seconds per step of negotiation;
+    `stop()` gives connections `shutdown_timeout` seconds to finish before cutting them.
 
     `CAN_MULTI_CONN` is advertised: every connection's volume is a handle on the same
     engine, with no per-connection cache, so a write is visible to every connection as
@@ -844,7 +845,7 @@ class _Connection:
 
     def _error(self, cookie: int, exc: BaseException) -> None:
         """Reply with the error that `exc` stands for: an ERROR chunk when structured."""
-        error = nbd_errno(exc)
+        error = _nbd_errno(exc)
         if not isinstance(exc, _EXPECTED):
             log.warning("nbd: %s: request failed: %r", self.peer, exc)
         if self.structured:
