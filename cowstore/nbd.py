@@ -345,13 +345,16 @@ class Server:
 
     def start_in_thread(self) -> Server:
         """Run `serve_forever` on a background thread; returns once connections are accepted."""
+        if self._thread is not None:
+            raise errors.FailedPrecondition("this server already runs in a thread")
         ready = threading.Event()
         failure: list[BaseException] = []
 
         async def main() -> None:
             task = asyncio.ensure_future(self.serve_forever())
             await asyncio.sleep(0)
-            ready.set()
+            if not task.done():
+                ready.set()
             await task
 
         def run() -> None:
@@ -359,9 +362,10 @@ class Server:
                 asyncio.run(main())
             except BaseException as exc:
                 failure.append(exc)
-                ready.set()
                 if not isinstance(exc, errors.FailedPrecondition):
                     log.exception("nbd: server thread failed")
+            finally:
+                ready.set()
 
         self._thread = threading.Thread(target=run, name="cowstore-nbd", daemon=True)
         self._thread.start()

@@ -791,6 +791,18 @@ def test_a_non_loopback_host_needs_allow_remote(store):
     nbd.Server(store, host="localhost", port=0).stop()
 
 
+def test_a_stopped_server_cannot_serve_again(store):
+    srv = nbd.Server(store, port=0).start_in_thread()
+    with pytest.raises(errors.FailedPrecondition):
+        srv.start_in_thread()
+    srv.stop()
+    srv.stop()
+    again = nbd.Server(store, port=0)
+    again.stop()
+    with pytest.raises(errors.FailedPrecondition):
+        again.start_in_thread()
+
+
 def test_unix_socket_serving_replaces_a_stale_socket_file(chain):
     directory = tempfile.mkdtemp(prefix="nbd")
     path = os.path.join(directory, "s")
