@@ -10,7 +10,9 @@ Durability model (the strictest POSIX allows; real ext4 with data=ordered keeps 
 
 - A file's contents (writes, truncates, fallocate) become durable only at fsync or
   fdatasync of that file, through any handle on it: then everything done to it before
-  the call reaches the disk at once. Nothing unsynced survives a cut.
+  the call reaches the disk at once. A cut loses every unsynced change; a cut with
+  writeback first puts, for each file, a random prefix (in order) of its unsynced
+  changes on the disk, as background writeback that had begun might.
 - A directory's entries (create, mkdir, link, unlink, rmdir, rename) become durable only
   at fsync of that directory: then all its entries as they are at that moment. fsync of a
   file never makes its name durable, and fsync of a directory never makes the contents
@@ -32,8 +34,8 @@ only what was written.
 Run by `PowerCutMount` as ``python tests/powercut_fs.py BACKING MOUNTPOINT [--direct-io]``;
 it reads one JSON request a line on its standard input and answers one JSON line on its
 standard output: ``cut`` (power cut now), ``arm`` (cut at the n-th sync from now, before
-or after that sync reaches the disk), ``state``, ``sync`` (make everything durable, like
-sync(2)) and ``exit`` (power off and stop).
+or after that sync reaches the disk), both with an optional writeback seed, ``state``,
+``sync`` (make everything durable, like sync(2)) and ``exit`` (power off and stop).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import errno
 import functools
 import json
 import os
+import random
 import select
 import shutil
 import stat
@@ -175,6 +178,7 @@ class File(Node):
         self.sino = st.st_ino
         self.durable_size = self.keep = self.size = st.st_size
         self.pending = Extents()
+        self.log: list[Run | int] = []
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -189,11 +193,13 @@ class File(Node):
 
     def write(self, offset: int, data: bytes | None, length: int) -> None:
         self.pending.put(offset, length, data)
+        self.log.append((offset, length, data))
         self.size = max(self.size, offset + length)
         self.touch()
 
     def truncate(self, size: int) -> None:
         self.pending.truncate(size)
+        self.log.append(size)
         self.keep = min(self.keep, size)
         self.size = size
         self.touch()
@@ -211,6 +217,21 @@ class File(Node):
             os.ftruncate(self.fd, self.size)
         self.durable_size = self.keep = self.size
         self.pending = Extents()
+        self.log = []
+
+    def write_back(self, rng: random.Random) -> None:
+        """Some of what is pending reaches the disk: a random prefix, in order, of the changes since fsync."""
+        for change in self.log[: rng.randint(0, len(self.log))]:
+            if isinstance(change, int):
+                os.ftruncate(self.fd, change)
+                continue
+            offset, length, data = change
+            if data is not None:
+                os.pwrite(self.fd, data, offset)
+                continue
+            if os.fstat(self.fd).st_size < offset + length:
+                os.ftruncate(self.fd, offset + length)
+            _zero(self.fd, offset, length)
 
     def blocks(self) -> int:
         return os.fstat(self.fd).st_blocks + -(-self.pending.nbytes() // 512)
@@ -278,6 +299,7 @@ class PowerCutFS:
         self.syncs = 0
         self._cut_at: int | None = None
         self._cut_before = False
+        self._cut_writeback: int | None = None
         self._next_ino = 1
         self._nodes: dict[int, Node] = {}
         self._handles: dict[int, Node] = {}
@@ -361,23 +383,34 @@ class PowerCutFS:
         self.syncs += 1
         fire = self._cut_at == self.syncs
         if fire and self._cut_before:
-            self.cut(f"before sync {self.syncs} reached the disk")
+            self.cut(f"before sync {self.syncs} reached the disk", self._cut_writeback)
             raise _error(errno.EIO)
         apply()
         if fire:
-            self.cut(f"after sync {self.syncs} reached the disk")
+            self.cut(f"after sync {self.syncs} reached the disk", self._cut_writeback)
             raise _error(errno.EIO)
 
-    def cut(self, why: str = "on command") -> None:
-        """The power cut: nothing more reaches the disk, every call fails from now on."""
-        with self.mutex:
-            if not self.dead:
-                self.dead, self.why = True, why
+    def cut(self, why: str = "on command", writeback: int | None = None) -> None:
+        """The power cut: nothing more reaches the disk, every call fails from now on.
 
-    def arm(self, n: int, before: bool) -> None:
+        Unsynced changes are lost; with `writeback` (a seed), each file first gets a random
+        prefix of its unsynced changes onto the disk, as if background writeback had begun.
+        """
+        with self.mutex:
+            if self.dead:
+                return
+            if writeback is not None:
+                rng = random.Random(writeback)
+                for _, node in sorted(self._nodes.items()):
+                    if isinstance(node, File):
+                        node.write_back(rng)
+                why += f", with writeback {writeback}"
+            self.dead, self.why = True, why
+
+    def arm(self, n: int, before: bool, writeback: int | None = None) -> None:
         """Cut the power at the n-th sync from now, before or after it reaches the disk."""
         with self.mutex:
-            self._cut_at, self._cut_before = self.syncs + n, before
+            self._cut_at, self._cut_before, self._cut_writeback = self.syncs + n, before, writeback
 
     def sync_all(self) -> None:
         """Everything reaches the disk, as sync(2) would."""
@@ -737,9 +770,9 @@ def _control(fs: PowerCutFS) -> None:
 def _handle(fs: PowerCutFS, request: dict[str, Any]) -> None:
     op = request.get("op")
     if op == "cut":
-        fs.cut()
+        fs.cut(writeback=request.get("writeback"))
     elif op == "arm":
-        fs.arm(int(request["n"]), bool(request["before"]))
+        fs.arm(int(request["n"]), bool(request["before"]), request.get("writeback"))
     elif op == "sync":
         fs.sync_all()
     elif op != "state":
@@ -887,13 +920,16 @@ class PowerCutMount:
             raise RuntimeError(f"power-cut file system: {op} failed: {answer['error']}")
         return answer
 
-    def cut(self) -> dict[str, Any]:
-        """Cut the power now: unsynced changes are gone, every call on the mount fails with EIO."""
-        return self._call("cut")
+    def cut(self, writeback: int | None = None) -> dict[str, Any]:
+        """Cut the power now: every call on the mount fails with EIO from now on.
 
-    def arm(self, n: int, *, before: bool) -> None:
+        Unsynced changes are lost; with a `writeback` seed, each file keeps a random prefix of them.
+        """
+        return self._call("cut", writeback=writeback)
+
+    def arm(self, n: int, *, before: bool, writeback: int | None = None) -> None:
         """Cut the power at the n-th fsync (of a file or directory) from now, before or after it lands."""
-        self._call("arm", n=n, before=before)
+        self._call("arm", n=n, before=before, writeback=writeback)
 
     def state(self) -> dict[str, Any]:
         """``dead`` (the power is off), ``why`` and ``syncs`` (fsyncs so far)."""

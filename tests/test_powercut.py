@@ -9,8 +9,10 @@ backing directory is then what a disk would hold after the power loss.
 Each round mounts the disk afresh, opens the store, checks it against what the previous
 round left durable, runs tests/crashload.py's random workload in this process, and cuts
 the power: between operations, at the n-th fsync from now (before or after it reaches the
-disk), or from a timer thread in the middle of whatever runs. The store object is then
-abandoned, never closed. The verdict is test_crash.py's: everything up to the last durable
+disk), or from a timer thread in the middle of whatever runs. Half the cuts lose every
+unsynced write; the other half first write back a random prefix of each file's unsynced
+writes, as a disk may. Half the mounts bypass the page cache (direct_io). The store
+object is then abandoned, never closed. The verdict is test_crash.py's: everything up to the last durable
 step exactly; later writes per chunk as some prefix of them in order; a call cut short
 may or may not have happened. The last round's disk is also opened without FUSE.
 """
@@ -34,14 +36,14 @@ from typing import Any
 import pytest
 
 import cowstore
-from tests.crashload import CHUNK, SIZE, Workload
+from tests.crashload import CHUNK, SIZE, EarlyRelease, Workload
 from tests.powercut_fs import PowerCutMount, mounted, unavailable
 from tests.test_crash import Model, differences, observe, replay
 
 STRESS = bool(os.environ.get("COWSTORE_STRESS"))
 CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 20))
 STRESS_CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 400))
-SELF_TEST_CUTS = 30
+SELF_TEST_CUTS = 40
 MAX_STEPS = 300
 MODES = ("between", "fsync", "timer")
 
@@ -246,6 +248,22 @@ def test_an_armed_cut_strikes_at_the_chosen_fsync(disk: Path, before: bool) -> N
     assert (disk / "f").read_bytes() == (b"one" if before else b"two")
 
 
+def test_a_cut_with_writeback_keeps_a_prefix_of_the_unsynced_writes(disk: Path) -> None:
+    seen = set()
+    for seed in range(6):
+        with mount(disk) as m:
+            write_file(m.path / "f", b"", sync_file=True, sync_dir=True)
+            fd = os.open(m.path / "f", os.O_WRONLY)
+            for i, piece in enumerate((b"a", b"b", b"c")):
+                os.pwrite(fd, piece, i)
+            os.ftruncate(fd, 2)
+            os.close(fd)
+            m.cut(writeback=seed)
+        seen.add((disk / "f").read_bytes())
+    assert seen <= {b"", b"a", b"ab", b"abc"}
+    assert len(seen) > 1
+
+
 @pytest.mark.parametrize("mode", ["wal", "wal-exclusive", "wal-exclusive-direct-io"])
 def test_sqlite_keeps_committed_transactions_and_drops_the_open_one(disk: Path, mode: str) -> None:
     """SQLite's own fsyncs suffice on this file system (normal WAL mmaps its -shm file)."""
@@ -316,6 +334,7 @@ class Round:
     seed: int
     mode: str
     direct_io: bool
+    writeback: int | None
     records: list[dict[str, Any]] = field(default_factory=list)
     why: str = ""
     interrupted: str | None = None
@@ -326,7 +345,7 @@ class Round:
         problems = "\n    ".join(self.problems[:12])
         ops = sum(1 for r in self.records if r["ev"] == "begin")
         return (
-            f"round {self.number} (seed {self.seed}, cut {self.mode}: {self.why}; "
+            f"round {self.number} (seed {self.seed}, cut {self.mode}, {self.why}; "
             f"direct_io={self.direct_io}; interrupted {self.interrupted}), {ops} operations:\n"
             f"  problems:\n    {problems}\n  last records:\n    {tail}"
         )
@@ -355,17 +374,17 @@ def verify(store: cowstore.Store, candidates: list[Model]) -> tuple[Model, list[
     return seen, problems
 
 
-def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random.Random) -> None:
+def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random.Random, steps: int) -> None:
     """The workload, until the power goes; an error while the power is still on fails the test."""
     log = MemoryLog()
     r.records = log.records
     workload = Workload(store, log, r.seed)
-    steps = rng.randint(0, 40) if r.mode == "between" else MAX_STEPS
+    steps = rng.randint(0, steps) if r.mode == "between" else MAX_STEPS
     timer = None
     if r.mode == "fsync":
-        m.arm(rng.randint(1, 10), before=rng.random() < 0.5)
+        m.arm(rng.randint(1, 10), before=rng.random() < 0.5, writeback=r.writeback)
     elif r.mode == "timer":
-        timer = threading.Timer(rng.uniform(0.0, 0.15), m.cut)
+        timer = threading.Timer(rng.uniform(0.0, 0.15), m.cut, kwargs={"writeback": r.writeback})
         timer.start()
     try:
         for n in range(steps):
@@ -379,7 +398,7 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
         if timer is not None:
             timer.cancel()
             timer.join()
-    r.why = m.cut()["why"]
+    r.why = m.cut(writeback=r.writeback)["why"]
 
 
 def power_cut_rounds(
@@ -387,8 +406,10 @@ def power_cut_rounds(
     engine: str,
     cuts: int,
     *,
-    sabotage: type[SkipDataFsync] | None = None,
+    sabotage: type | None = None,
     modes: tuple[str, ...] = MODES,
+    writeback: float = 0.5,
+    steps: int = 40,
 ) -> list[Round]:
     """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
     rng = random.Random(int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32))))
@@ -397,7 +418,8 @@ def power_cut_rounds(
     candidates: list[Model] = [{}]
     rounds: list[Round] = []
     for number in range(cuts):
-        r = Round(number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5)
+        seed = rng.randrange(1 << 32) if rng.random() < writeback else None
+        r = Round(number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5, seed)
         with mount(disk, direct_io=r.direct_io) as m:
             try:
                 store = cowstore.open(
@@ -416,7 +438,7 @@ def power_cut_rounds(
                 if sabotage is not None:
                     store._engine = sabotage(store._engine)
                 start, _ = observe(store)
-                run_until_cut(m, store, r, rng)
+                run_until_cut(m, store, r, rng, steps)
             finally:
                 abandon(store)
         candidates = replay(start, r.records)
@@ -461,15 +483,19 @@ def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts(
 
 
 @pytest.mark.parametrize(
-    ("sabotage", "modes"),
-    [(SkipDataFsync, ("between",)), (LateDataFsync, ("fsync",))],
-    ids=["missing", "after-metadata"],
+    ("sabotage", "how"),
+    [
+        (SkipDataFsync, {"modes": ("between",)}),
+        (LateDataFsync, {"modes": ("fsync",)}),
+        (EarlyRelease, {"modes": ("between",), "writeback": 1.0, "steps": MAX_STEPS}),
+    ],
+    ids=["data-fsync-missing", "data-fsync-after-metadata", "freed-slot-reused-early"],
 )
-def test_harness_catches_a_store_whose_data_fsync_is_missing_or_late(
-    fuse_works: None, tmp_path: Path, sabotage: type[SkipDataFsync], modes: tuple[str, ...]
+def test_harness_catches_a_store_that_breaks_a_durability_rule(
+    fuse_works: None, tmp_path: Path, sabotage: type, how: dict[str, Any]
 ) -> None:
-    """The harness's own test: metadata durable before the data it names must be caught."""
-    rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, modes=modes)
+    """The harness's own test: each broken rule must be caught (early slot reuse only with writeback)."""
+    rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, **how)
     problems = rounds[-1].problems
     assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
     assert any("matches neither" in p or "beyond the pool" in p for p in problems), rounds[-1].report()
