@@ -345,7 +345,7 @@ class EnginesAgree(RuleBasedStateMachine):
 
 
 EnginesAgree.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=100, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestEnginesAgreeOnRandomOperations = needs_c(EnginesAgree.TestCase)
 
