@@ -31,11 +31,14 @@ file system stops, which leaves the backing directory alone and self-contained. 
 writes are held as extents, never as whole files, so sparse files at large offsets cost
 only what was written.
 
-Run by `PowerCutMount` as ``python tests/powercut_fs.py BACKING MOUNTPOINT [--direct-io]``;
-it reads one JSON request a line on its standard input and answers one JSON line on its
-standard output: ``cut`` (power cut now), ``arm`` (cut at the n-th sync from now, before
-or after that sync reaches the disk), both with an optional writeback seed, ``state``,
-``sync`` (make everything durable, like sync(2)) and ``exit`` (power off and stop).
+Run by `PowerCutMount` as ``python tests/powercut_fs.py BACKING MOUNTPOINT [--direct-io]``
+(``--direct-io`` bypasses the kernel's page cache; shared mmap then fails, as on any
+direct_io FUSE mount, so SQLite needs ``locking_mode=EXCLUSIVE`` there). It reads one
+JSON request a line on its standard input and answers one JSON line on its standard
+output: ``cut`` (power cut now), ``arm`` (cut at the n-th sync from now, before or after
+that sync reaches the disk), both with an optional writeback seed, ``state``, ``sync``
+(make everything durable, like sync(2)) and ``exit`` (power off, unmount and stop; so
+does the end of its input, should the test process die).
 """
 
 from __future__ import annotations
@@ -744,8 +747,8 @@ class PowerCutFS:
 # -- the file system process -------------------------------------------------------------
 
 
-def _control(fs: PowerCutFS) -> None:
-    """Answers the requests on standard input; end of input powers the system off and ends the process."""
+def _control(fs: PowerCutFS, mountpoint: Path) -> None:
+    """Answers the requests on standard input; end of input powers off, unmounts and ends the process."""
     try:
         if fs.ready.wait(READY_TIMEOUT):
             _answer(fs, ready=True, pid=os.getpid())
@@ -762,6 +765,8 @@ def _control(fs: PowerCutFS) -> None:
     finally:
         fs.cut("powered off")
         fs.remove_store()
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            _unmount(mountpoint)
         with contextlib.suppress(OSError, ValueError):
             _answer(fs, exited=True)
         os._exit(0)
@@ -804,7 +809,7 @@ def serve(backing: str, mountpoint: str, direct_io: bool = False) -> None:
             super().init_fuse_3(conn, config)
 
     fs = PowerCutFS(Path(backing).absolute())
-    threading.Thread(target=_control, args=(fs,), daemon=True).start()
+    threading.Thread(target=_control, args=(fs, Path(mountpoint).absolute()), daemon=True).start()
     options: dict[str, Any] = {
         "fsname": "powercut",
         "entry_timeout": 0,

@@ -335,6 +335,7 @@ class Round:
     mode: str
     direct_io: bool
     writeback: int | None
+    close: bool
     records: list[dict[str, Any]] = field(default_factory=list)
     why: str = ""
     interrupted: str | None = None
@@ -346,13 +347,16 @@ class Round:
         ops = sum(1 for r in self.records if r["ev"] == "begin")
         return (
             f"round {self.number} (seed {self.seed}, cut {self.mode}, {self.why}; "
-            f"direct_io={self.direct_io}; interrupted {self.interrupted}), {ops} operations:\n"
+            f"direct_io={self.direct_io}; closed first: {self.close}; interrupted {self.interrupted}), "
+            f"{ops} operations:\n"
             f"  problems:\n    {problems}\n  last records:\n    {tail}"
         )
 
 
 def abandon(store: cowstore.Store) -> None:
     """Let go of a store whose power is gone: its handles point into a dead mount, so this writes nothing."""
+    if store._closed:
+        return
     with contextlib.suppress(Exception):
         store._meta.close()
     for fd in (store._data_fd, store._lock_fd):
@@ -379,7 +383,7 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
     log = MemoryLog()
     r.records = log.records
     workload = Workload(store, log, r.seed)
-    steps = rng.randint(0, steps) if r.mode == "between" else MAX_STEPS
+    steps = rng.randint(0, steps) if r.mode == "between" or r.close else MAX_STEPS
     timer = None
     if r.mode == "fsync":
         m.arm(rng.randint(1, 10), before=rng.random() < 0.5, writeback=r.writeback)
@@ -389,6 +393,11 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
     try:
         for n in range(steps):
             workload.step(n)
+        if r.close:
+            log.record("begin", n=steps, op="flush", via=None)
+            store.close()
+            log.record("done", n=steps)
+            log.record("durable", n=steps)
     except Exception as exc:
         if not m.dead:
             raise
@@ -419,7 +428,9 @@ def power_cut_rounds(
     rounds: list[Round] = []
     for number in range(cuts):
         seed = rng.randrange(1 << 32) if rng.random() < writeback else None
-        r = Round(number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5, seed)
+        r = Round(
+            number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5, seed, rng.random() < 0.25
+        )
         with mount(disk, direct_io=r.direct_io) as m:
             try:
                 store = cowstore.open(
@@ -462,9 +473,10 @@ def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
     ops = sum(1 for r in rounds for rec in r.records if rec["ev"] == "begin")
     modes = Counter(r.mode for r in rounds)
     cut_short = Counter(r.interrupted.split()[0] for r in rounds if r.interrupted)
+    closes = sum(r.close for r in rounds)
     print(
         f"\n{engine}: {len(rounds)} power cuts ({dict(modes)}), {ops} operations, "
-        f"calls cut short: {dict(cut_short)}, {time.monotonic() - began:.1f} s"
+        f"{closes} closed first, calls cut short: {dict(cut_short)}, {time.monotonic() - began:.1f} s"
     )
 
 
