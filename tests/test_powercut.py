@@ -330,6 +330,7 @@ class LateDataFsync(SkipDataFsync):
 class Round:
     """One power-on period: what ran, how the power went, and what the next boot found wrong."""
 
+    master: int
     number: int
     seed: int
     mode: str
@@ -346,9 +347,9 @@ class Round:
         problems = "\n    ".join(self.problems[:12])
         ops = sum(1 for r in self.records if r["ev"] == "begin")
         return (
-            f"round {self.number} (seed {self.seed}, cut {self.mode}, {self.why}; "
-            f"direct_io={self.direct_io}; closed first: {self.close}; interrupted {self.interrupted}), "
-            f"{ops} operations:\n"
+            f"COWSTORE_POWERCUT_SEED={self.master}, round {self.number} (seed {self.seed}, "
+            f"cut {self.mode}, {self.why}; direct_io={self.direct_io}; closed first: {self.close}; "
+            f"interrupted {self.interrupted}), {ops} operations:\n"
             f"  problems:\n    {problems}\n  last records:\n    {tail}"
         )
 
@@ -421,15 +422,22 @@ def power_cut_rounds(
     steps: int = 40,
 ) -> list[Round]:
     """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
-    rng = random.Random(int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32))))
+    master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
+    rng = random.Random(master)
     disk = tmp_path / "disk"
     disk.mkdir()
     candidates: list[Model] = [{}]
     rounds: list[Round] = []
     for number in range(cuts):
-        seed = rng.randrange(1 << 32) if rng.random() < writeback else None
+        writeback_seed = rng.randrange(1 << 32) if rng.random() < writeback else None
         r = Round(
-            number, rng.randrange(1 << 32), rng.choice(modes), rng.random() < 0.5, seed, rng.random() < 0.25
+            master,
+            number,
+            rng.randrange(1 << 32),
+            rng.choice(modes),
+            direct_io=rng.random() < 0.5,
+            writeback=writeback_seed,
+            close=rng.random() < 0.25,
         )
         with mount(disk, direct_io=r.direct_io) as m:
             try:
