@@ -1,0 +1,475 @@
+"""The results files: `latest.json` (all figures), `latest.md` (tables and targets), `depth.png` (the plot).
+
+The JSON has one section per producer: `micro` (benchmarks/test_micro.py, merged entry by
+entry, so a partial run updates only what it measured) and `vs_qemu` (benchmarks/vs_qemu.py,
+replaced whole). Every update rewrites the markdown and the plot from the whole JSON, and
+checks the targets of the issue against whatever has been measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+JSON_NAME, MD_NAME, PNG_NAME = "latest.json", "latest.md", "depth.png"
+TARGET_CHAIN = 32
+INPROCESS_PEER = "qemu-img-qd1"
+
+
+def load(directory: Path = RESULTS_DIR) -> dict[str, Any]:
+    path = Path(directory) / JSON_NAME
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def update(
+    section: str,
+    data: dict[str, Any],
+    directory: Path = RESULTS_DIR,
+    *,
+    merge: bool = False,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Store `data` as `section` (merged key by key into its dicts with `merge`), then re-render.
+
+    Returns the whole document.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = load(directory)
+    if merge and isinstance(doc.get(section), dict):
+        old = doc[section]
+        for key, value in data.items():
+            if isinstance(value, dict) and isinstance(old.get(key), dict):
+                old[key] = {**old[key], **value}
+            else:
+                old[key] = value
+    else:
+        doc[section] = data
+    doc = _clean(doc)
+    doc["targets"] = [t.as_dict() for t in targets(doc)]
+    _write(directory / JSON_NAME, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    _write(directory / MD_NAME, markdown(doc).encode())
+    if plot:
+        draw(doc, directory / PNG_NAME)
+    return doc
+
+
+# -- formatting ---------------------------------------------------------------
+
+
+def rate(value: float | None, unit: str = "B/s") -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def seconds(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value / 1e-9:.3g} ns"
+
+
+def ratio(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
+
+
+def _table(headers: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+# -- targets ------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One target of the issue: what it asks, what was measured, whether it is met (None: not measured)."""
+
+    goal: str
+    measured: str
+    met: bool | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"goal": self.goal, "measured": self.measured, "met": self.met}
+
+    @property
+    def status(self) -> str:
+        return {True: "met", False: "MISSED", None: "not measured"}[self.met]
+
+
+def _micro(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    return ((doc.get("micro") or {}).get("benchmarks") or {}).get(key)
+
+
+def _micro_figure(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    return ((doc.get("micro") or {}).get("figures") or {}).get(key)
+
+
+def _nbd_target(doc: dict[str, Any]) -> Target:
+    goal = f"every NBD case at depth {TARGET_CHAIN + 1}: ≥ 90 % of nbdkit (flattened raw)"
+    cases = [c for c in (doc.get("vs_qemu") or {}).get("nbd", []) if c.get("chain") == TARGET_CHAIN]
+    found = [(c["job"], (c.get("ratios") or {}).get("cowstore/nbdkit")) for c in cases]
+    found = [(job, r) for job, r in found if r is not None]
+    if not found:
+        return Target(goal, "not run at this depth", None)
+    text = ", ".join(f"{job} {r:.0%}" for job, r in found)
+    return Target(goal, text, all(r >= 0.9 for _, r in found))
+
+
+def _inprocess_target(doc: dict[str, Any]) -> Target:
+    goal = (
+        f"in process 64 KiB sequential reads at depth {TARGET_CHAIN}: ≥ 2x qemu-img bench, ≥ 50 % of memcpy"
+    )
+    vs = doc.get("vs_qemu") or {}
+    case = next(
+        (c for c in vs.get("inprocess", []) if c["depth"] == TARGET_CHAIN and c["case"] == "seq-64k"), None
+    )
+    if case is None:
+        return Target(goal, "not run at this depth", None)
+    med = case.get("median") or {}
+    vs_qd1 = _div(med.get("cowstore"), med.get("qemu-img-qd1"))
+    vs_qd16 = _div(med.get("cowstore"), med.get("qemu-img-qd16"))
+    memcpy, blocks = case.get("memcpy_fraction"), case.get("memcpy_blocks_fraction")
+    parts = [
+        f"{rate(med.get('cowstore'))}: {ratio(vs_qd1)} qemu-img bench -d 1, {ratio(vs_qd16)} -d 16",
+        f"{memcpy:.0%} of memcpy" if memcpy is not None else "memcpy -",
+    ]
+    if blocks is not None:
+        parts[-1] += f" ({blocks:.0%} of memcpy in 64K blocks)"
+    known = [r for r in (vs_qd1, vs_qd16) if r is not None]
+    met = None if not known or memcpy is None else (min(known) >= 2 and memcpy >= 0.5)
+    return Target(goal, ", ".join(parts), met)
+
+
+def _depth_target(doc: dict[str, Any]) -> Target:
+    goal = "read throughput at depth 1024 ≥ 90 % of depth 1 (Cython engine)"
+    one, deep = _micro(doc, "read_depth[cython-1]"), _micro(doc, "read_depth[cython-1024]")
+    if not one or not deep:
+        return Target(goal, "not measured", None)
+    r = _div(deep.get("bytes_per_s"), one.get("bytes_per_s"))
+    text = f"{rate(deep.get('bytes_per_s'))} vs {rate(one.get('bytes_per_s'))}: {r:.0%}" if r else "-"
+    return Target(goal, text, None if r is None else r >= 0.9)
+
+
+def _prepare_target(doc: dict[str, Any]) -> Target:
+    goal = "prepare of a child of a 1M-chunk parent < 1 ms and within 2x of a 1k-chunk parent (Cython)"
+    big, small = _micro(doc, "prepare[cython-tmpfs-1M]"), _micro(doc, "prepare[cython-tmpfs-1k]")
+    if not big or not small:
+        return Target(goal, "not measured", None)
+    b, s = big.get("median_s"), small.get("median_s")
+    r = _div(b, s)
+    text = f"{seconds(b)} (1k: {seconds(s)}, {ratio(r)}), tmpfs"
+    disk = _micro(doc, "prepare[cython-disk-1M]")
+    if disk:
+        text += f"; on disk with fsync {seconds(disk.get('median_s'))}"
+    return Target(goal, text, None if r is None else (b < 1e-3 and r <= 2))
+
+
+def _memory_target(doc: dict[str, Any]) -> Target:
+    goal = "metadata memory ≤ 16 bytes per mapped chunk (Cython)"
+    fig = _micro_figure(doc, "memory_per_chunk[cython]")
+    if not fig:
+        return Target(goal, "not measured", None)
+    value = fig.get("bytes_per_chunk")
+    return Target(goal, f"{value:.1f} B/chunk (RSS delta, {fig.get('chunks')} chunks)", value <= 16)
+
+
+def _speedup_target(doc: dict[str, Any]) -> Target:
+    goal = "Cython engine ≥ 10x pure Python on 4 KiB random reads and writes"
+    found = []
+    for name in ("rand_pread_4k", "rand_pwrite_4k"):
+        c, p = _micro(doc, f"{name}[cython]"), _micro(doc, f"{name}[python]")
+        if c and p:
+            found.append((name, _div(p.get("per_op_s"), c.get("per_op_s"))))
+    if len(found) < 2 or any(r is None for _, r in found):
+        return Target(goal, "not measured", None)
+    return Target(goal, ", ".join(f"{n} {r:.1f}x" for n, r in found), all(r >= 10 for _, r in found))
+
+
+def targets(doc: dict[str, Any]) -> list[Target]:
+    return [
+        _nbd_target(doc),
+        _inprocess_target(doc),
+        _depth_target(doc),
+        _prepare_target(doc),
+        _memory_target(doc),
+        _speedup_target(doc),
+    ]
+
+
+# -- markdown -----------------------------------------------------------------
+
+
+def _inprocess_lines(vs: dict[str, Any]) -> list[str]:
+    peers = [
+        p
+        for p in ("qemu-img-qd1", "qemu-img-qd16")
+        if any(p in (c.get("median") or {}) for c in vs["inprocess"])
+    ]
+    headers = ["depth", "case", "cowstore", *peers, *(f"cowstore / {p}" for p in peers), "cowstore / memcpy"]
+    rows = []
+    for c in vs["inprocess"]:
+        med = c.get("median") or {}
+        unit = "B/s" if c["case"].startswith("seq") else "IOPS"
+        scale = 1 if unit == "B/s" else 1 / c.get("block", 4096)
+        fmt = [rate(None if med.get(n) is None else med[n] * scale, unit) for n in ("cowstore", *peers)]
+        ratios = [ratio(_div(med.get("cowstore"), med.get(p))) for p in peers]
+        whole, blocks = c.get("memcpy_fraction"), c.get("memcpy_blocks_fraction")
+        frac = (
+            "-"
+            if whole is None
+            else f"{whole:.0%}" + ("" if blocks is None else f" ({blocks:.0%} of 64K blocks)")
+        )
+        rows.append([str(c["depth"]), c["case"], *fmt, *ratios, frac])
+    lines = [
+        "## In process: Python API against `qemu-img bench` (page cache warm)",
+        "",
+        *_table(headers, rows),
+    ]
+    mem = vs.get("memcpy") or []
+    if mem:
+        lines += [
+            "",
+            f"memcpy bandwidth ({mem[0].get('method', '?')}, 64 MiB, best of 5, median over runs), by depth: "
+            + ", ".join(
+                f"{m['depth']}: {rate(m.get('median'))} (64K blocks {rate(m.get('median_blocks'))})"
+                for m in mem
+            )
+            + ".",
+        ]
+    return lines
+
+
+def _nbd_lines(vs: dict[str, Any]) -> list[str]:
+    servers = ["cowstore", "qemu-nbd", "nbdkit"]
+    headers = ["depth", "job", *servers, "cowstore / qemu-nbd", "cowstore / nbdkit"]
+    rows = []
+    for c in vs["nbd"]:
+        med = c.get("median") or {}
+        big = c["job"].startswith("read-1m")
+        cells = []
+        for s in servers:
+            m = med.get(s) or {}
+            cells.append(rate(m.get("bw_bytes")) if big else rate(m.get("iops"), "IOPS"))
+        r = c.get("ratios") or {}
+        rows.append(
+            [
+                str(c["depth"]),
+                c["job"],
+                *cells,
+                ratio(r.get("cowstore/qemu-nbd")),
+                ratio(r.get("cowstore/nbdkit")),
+            ]
+        )
+    return [
+        "## Over NBD: fio `--ioengine=nbd` (depth = chain + a fresh top; nbdkit serves it flattened)",
+        "",
+        *_table(headers, rows),
+    ]
+
+
+def _micro_lines(micro: dict[str, Any]) -> list[str]:
+    benches = micro.get("benchmarks") or {}
+    by_name: dict[str, dict[str, dict[str, Any]]] = {}
+    for entry in benches.values():
+        label = entry["name"] + (
+            "[" + "-".join(str(v) for v in entry.get("params", {}).values()) + "]"
+            if entry.get("params")
+            else ""
+        )
+        by_name.setdefault(label, {})[entry["engine"]] = entry
+    rows = []
+    for label, engines in sorted(
+        by_name.items(), key=lambda kv: (next(iter(kv[1].values()))["group"], kv[0])
+    ):
+        c, p = engines.get("cython") or {}, engines.get("python") or {}
+        speed = _div(p.get("per_op_s"), c.get("per_op_s"))
+        rows.append(
+            [
+                label,
+                seconds(c.get("per_op_s")),
+                rate(c.get("bytes_per_s")) if c.get("bytes") else "",
+                seconds(p.get("per_op_s")),
+                rate(p.get("bytes_per_s")) if p.get("bytes") else "",
+                ratio(speed),
+            ]
+        )
+    lines = ["## Micro-benchmarks (pytest-benchmark, median per operation)", ""]
+    lines += _table(["benchmark", "cython / op", "cython", "python / op", "python", "speedup"], rows)
+    figures = micro.get("figures") or {}
+    for key, fig in sorted(figures.items()):
+        if key.startswith("memory_per_chunk"):
+            lines.append("")
+            lines.append(
+                f"{key}: {fig['bytes_per_chunk']:.1f} B per mapped chunk "
+                f"(RSS +{fig['rss_delta'] / 2**20:.1f} MiB for {fig['chunks']} chunks, "
+                f"peak +{fig['peak_delta'] / 2**20:.1f} MiB, open {seconds(fig.get('open_s'))})"
+            )
+    return lines
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["# cowstore benchmark results", ""]
+    lines += _table(["target", "measured", "status"], [[t.goal, t.measured, t.status] for t in targets(doc)])
+    vs = doc.get("vs_qemu")
+    if vs:
+        meta = vs.get("meta") or {}
+        cfg = meta.get("config") or {}
+        lines += [
+            "",
+            f"Side by side: {meta.get('started', '?')}, engine {meta.get('engine', '?')}, "
+            f"volume {cfg.get('size', 0) / 2**20:.0f} MiB, {cfg.get('chunk', 0) // 1024} KiB chunks, "
+            f"{cfg.get('pairs')} alternating runs each (median), fio runtime {cfg.get('runtime')} s; "
+            f"build {seconds(meta.get('build_s'))}, total {seconds(meta.get('seconds'))}.",
+            "",
+        ]
+        if vs.get("inprocess"):
+            lines += [*_inprocess_lines(vs), ""]
+        if vs.get("nbd"):
+            lines += [*_nbd_lines(vs), ""]
+    micro = doc.get("micro")
+    if micro:
+        meta = micro.get("meta") or {}
+        lines += ["", f"Micro-benchmarks: {meta.get('finished', '?')}.", ""]
+        lines += _micro_lines(micro)
+    return "\n".join(lines) + "\n"
+
+
+# -- plot ---------------------------------------------------------------------
+
+
+def draw(doc: dict[str, Any], path: Path) -> bool:
+    """Throughput against chain depth, cowstore and qcow2 on one chart; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    vs = doc.get("vs_qemu") or {}
+    fig, (seq, rnd) = plt.subplots(1, 2, figsize=(14, 7))
+
+    def inproc(case: str, who: str, scale: float) -> tuple[list[int], list[float]]:
+        pts = [
+            (c["depth"], (c.get("median") or {}).get(who))
+            for c in vs.get("inprocess", [])
+            if c["case"] == case
+        ]
+        pts = [(d, v * scale) for d, v in pts if v]
+        return [d for d, _ in pts], [v for _, v in pts]
+
+    def nbd(job: str, who: str, field: str, scale: float) -> tuple[list[int], list[float]]:
+        pts = [
+            (c["depth"], ((c.get("median") or {}).get(who) or {}).get(field))
+            for c in vs.get("nbd", [])
+            if c["job"] == job
+        ]
+        pts = [(d, v * scale) for d, v in pts if v]
+        return [d for d, _ in pts], [v for _, v in pts]
+
+    styles = {
+        "cowstore": ("tab:blue", "o"),
+        "qemu-img-qd1": ("tab:red", "s"),
+        "qemu-img-qd16": ("tab:orange", "s"),
+        "qemu-nbd": ("tab:red", "^"),
+        "nbdkit": ("tab:gray", "v"),
+    }
+    for who, label in (
+        ("cowstore", "cowstore, Python API"),
+        ("qemu-img-qd1", "qcow2, qemu-img bench -d 1"),
+        ("qemu-img-qd16", "qcow2, qemu-img bench -d 16"),
+    ):
+        color, marker = styles[who]
+        x, y = inproc("seq-64k", who, 1e-9)
+        if x:
+            seq.plot(x, y, marker=marker, color=color, label=f"{label}, 64K seq")
+        x, y = inproc("rand-4k", who, 1 / 4096)
+        if x:
+            rnd.plot(x, y, marker=marker, color=color, label=f"{label}, 4K")
+    for who, label in (
+        ("cowstore", "cowstore serve"),
+        ("qemu-nbd", "qcow2, qemu-nbd"),
+        ("nbdkit", "flattened raw, nbdkit"),
+    ):
+        color, marker = styles[who]
+        x, y = nbd("read-1m-qd4", who, "bw_bytes", 1e-9)
+        if x:
+            seq.plot(x, y, marker=marker, color=color, linestyle="--", label=f"{label}, NBD read 1M qd4")
+        x, y = nbd("randread-4k-qd16", who, "iops", 1.0)
+        if x:
+            rnd.plot(x, y, marker=marker, color=color, linestyle="--", label=f"{label}, NBD randread 4k qd16")
+    benches = ((doc.get("micro") or {}).get("benchmarks") or {}).values()
+    for engine, color in (("cython", "tab:cyan"), ("python", "tab:purple")):
+        pts = sorted(
+            (e["params"]["depth"], e["bytes_per_s"] * 1e-9)
+            for e in benches
+            if e["name"] == "read_depth" and e["engine"] == engine and e.get("bytes_per_s")
+        )
+        if pts:
+            seq.plot(
+                [d for d, _ in pts],
+                [v for _, v in pts],
+                marker=".",
+                color=color,
+                linestyle=":",
+                label=f"cowstore micro ({engine} engine), 64K seq",
+            )
+    seq.set_ylabel("GB/s")
+    rnd.set_ylabel("IOPS")
+    for ax, title in ((seq, "Sequential reads"), (rnd, "Random 4 KiB reads")):
+        ax.set_xscale("log", base=2)
+        depths = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
+        if depths:
+            ax.set_xticks(depths, [str(d) for d in depths])
+        ax.set_xlabel("chain depth (layers; NBD: chain + fresh top)")
+        ax.set_title(title)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+    fig.suptitle("Read throughput against chain depth: cowstore and qcow2")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
