@@ -36,7 +36,7 @@ class Volume:
         mode = "ro" if self.readonly else "rw"
         return f"<cowstore.Volume {self.key!r} size={self.size} {mode}>"
 
-    def _check(self, offset: int, length: int) -> None:
+    def _check(self, offset: int, length: int, max_length: int = MAX_IO) -> None:
         if self.closed:
             raise Closed(f"volume {self.key!r} is closed")
         if self._snapshot.dead:
@@ -45,8 +45,8 @@ class Volume:
             raise InvalidArgument("offset and length must be ints")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgument(f"range {offset}+{length} is outside the volume of {self.size} bytes")
-        if length > MAX_IO:
-            raise InvalidArgument(f"length {length} is over the maximum of {MAX_IO} bytes per call")
+        if length > max_length:
+            raise InvalidArgument(f"length {length} is over the maximum of {max_length} bytes per call")
 
     def _check_writable(self, offset: int, length: int) -> None:
         self._check(offset, length)
@@ -126,7 +126,7 @@ class Volume:
         """Extents of the range with allocation, zero and depth (0 none, 1 this snapshot, …)."""
         if length is None:
             length = self.size - offset if isinstance(offset, int) else 0
-        self._check(offset, length)
+        self._check(offset, length, max_length=self.size)
         try:
             return self._store._extents(self._snapshot, offset, length)
         except KeyError:
