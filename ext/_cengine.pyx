@@ -2,20 +2,25 @@
 # cython: initializedcheck=False, nonecheck=False, overflowcheck=False, binding=True
 """The Cython engine: the same interface, semantics and bytes as `cowstore._pyengine`.
 
-Every piece of metadata is plain C (see `_cengine.pxd`): pages are malloc'd blocks of
-uint32 slots behind a 16-byte header, a map is an array of page pointers, maps are found
-through an int64 hash table, slot refcounts are one uint32 array. One rwlock guards the
-state: reads take it shared and run in parallel with the GIL released; everything that
-changes metadata takes it exclusive, also with the GIL released. The lock is only ever
-waited for without the GIL. Data I/O (pread/pwrite/fsync) always runs without the GIL.
+Every piece of metadata is plain C (see `_cengine.pxd`): a page is one malloc'd block, a
+16-byte header then `page_entries` uint32 slots and as many uint32 chunk sums (12 bytes
+of metadata per mapped chunk with the slot refcounts); a map is an array of page
+pointers; maps are found through an int64 hash table; slot refcounts are one uint32
+array. Chunk sums are zlib's CRC-32, computed here in C (slice-by-8).
+
+One rwlock guards the state: reads take it shared and run in parallel with the GIL
+released; everything that changes metadata takes it exclusive, also with the GIL
+released. The lock is only ever waited for without the GIL. Data I/O (pread, pwrite,
+fsync, ftruncate) always runs without the GIL.
 
 Differences from the reference are deliberate and only where the reference corrupts its
 state or raises an unrelated error: a write or zero that would hit `NoSpace` changes
 nothing; `load_*` after `finish_load`, a second `finish_load`, and slot-refcount changes
-(write, zero, drop_map) between `load_*` and `finish_load` raise ValueError; `release`
-validates its slots; negative sizes, ids beyond int64 and an empty chain raise ValueError;
+(write, zero, drop_map) between `load_*` and `finish_load` raise ValueError; a failed
+`load_map` or `finish_load` changes nothing; `release` refuses slots that are not freed
+slots of the pool; negative sizes, ids beyond int64 and an empty chain raise ValueError;
 entries beyond a shorter map's end compare as unallocated in depth_runs and
-exclusive_chunks.
+exclusive_chunks; a read into read-only memory raises TypeError.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
