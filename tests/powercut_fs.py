@@ -854,15 +854,24 @@ class PowerCutMount:
     """A power-cut file system over `backing`, mounted at `mountpoint` by a child process.
 
     A context manager; leaving it powers the system off (what is not durable is lost) and
-    unmounts. `backing` then holds the disk as a power loss would leave it.
+    unmounts. `backing` then holds the disk as a power loss would leave it. A mount that
+    lives longer than `lifetime` seconds is killed, so a hung call fails (ENOTCONN) instead
+    of hanging the test.
     """
 
     def __init__(
-        self, backing: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *, direct_io: bool = False
+        self,
+        backing: str | os.PathLike[str],
+        mountpoint: str | os.PathLike[str],
+        *,
+        direct_io: bool = False,
+        lifetime: float = 600.0,
     ) -> None:
         self.backing = Path(backing).absolute()
         self.path = Path(mountpoint).absolute()
         self._direct_io = direct_io
+        self._lifetime = lifetime
+        self._watchdog: threading.Timer | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._buf = b""
         self._lock = threading.Lock()
@@ -889,6 +898,9 @@ class PowerCutMount:
         self._proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env
         )
+        self._watchdog = threading.Timer(self._lifetime, self._proc.kill)
+        self._watchdog.daemon = True
+        self._watchdog.start()
         try:
             self._reply(READY_TIMEOUT)
         except BaseException:
@@ -953,6 +965,8 @@ class PowerCutMount:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             with contextlib.suppress(OSError, ValueError):
                 assert proc.stdin is not None
