@@ -357,7 +357,8 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             f"Side by side: {meta.get('started', '?')}, engine {meta.get('engine', '?')}, "
             f"volume {cfg.get('size', 0) / 2**20:.0f} MiB, {cfg.get('chunk', 0) // 1024} KiB chunks, "
-            f"{cfg.get('pairs')} alternating runs each (median), fio runtime {cfg.get('runtime')} s; "
+            f"{cfg.get('inprocess_pairs')} (in process) and {cfg.get('pairs')} (NBD) alternating runs a case "
+            f"(median), fio runtime {cfg.get('runtime')} s after a {cfg.get('ramp')} s ramp; "
             f"build {seconds(meta.get('build_s'))}, total {seconds(meta.get('seconds'))}.",
             "",
         ]

@@ -12,7 +12,8 @@ checks that both read the same bytes, then runs, alternating the contenders (A B
 - over NBD: fio jobs (`--ioengine=nbd`) against `cowstore serve` on the cowstore top,
   `qemu-nbd` on the qcow2 top and `nbdkit file` on the top flattened to raw. The served top
   is a fresh, empty layer on the chain (so "depth" is the chain plus one); write jobs get
-  a new fresh layer every run.
+  a new fresh layer every run. Every run starts its own server, and starts after `sync`,
+  so no run pays for the writeback of what the runs or the setup before it dirtied.
 
 Results go to benchmarks/results/ (latest.json, latest.md, depth.png). Usage:
 `python benchmarks/vs_qemu.py [--quick]`; `--help` for the knobs.
@@ -60,6 +61,7 @@ class Config:
     depths: tuple[int, ...] = (1, 8, 32, 128)
     nbd_depths: tuple[int, ...] | None = None
     pairs: int = 3
+    inprocess_pairs: int = 5
     runtime: float = 3.0
     ramp: float = 1.0
     numjobs: int = 4
@@ -169,12 +171,13 @@ def measure_inprocess(
     def qemu(block: int, offsets: list[int], step: int | None, qd: int) -> float:
         return peers.qemu_img_bench(qcow_top, count=len(offsets), size=block, step=step, depth=qd)
 
+    os.sync()
     _cow_read(volume, SEQ_BLOCK, seq[: layout.size // SEQ_BLOCK])
     peers.qemu_img_bench(qcow_top, count=layout.size // SEQ_BLOCK, size=SEQ_BLOCK, depth=16)
     samples: dict[str, dict[str, list[float]]] = {c: {} for c in cases}
     memcpy: dict[str, list[float]] = {"whole": [], "blocks": []}
     method = "?"
-    for _ in range(cfg.pairs):
+    for _ in range(cfg.inprocess_pairs):
         for case, (block, offsets, step) in cases.items():
             nbytes = block * len(offsets)
             runners = {
@@ -301,6 +304,7 @@ class NbdBench:
             for _ in range(self.cfg.pairs):
                 for name, server in servers.items():
                     with server(job.writes) as uri:
+                        os.sync()
                         result = peers.run_fio(
                             uri, job, runtime=self.cfg.runtime, ramp=self.cfg.ramp, workdir=self.workdir
                         )
@@ -414,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, help="volume size (e.g. 1G, 256M)")
     p.add_argument("--depths", type=_ints, help="chain depths, comma separated (default 1,8,32,128)")
     p.add_argument("--nbd-depths", type=_ints, help="depths that also run the NBD cases (default: all)")
-    p.add_argument("--pairs", type=int, help="alternating rounds per case (median reported; at least 3)")
+    p.add_argument("--pairs", type=int, help="alternating rounds per NBD case (median reported; at least 3)")
+    p.add_argument("--inprocess-pairs", type=int, help="alternating rounds per in-process case (default 5)")
     p.add_argument("--runtime", type=float, help="seconds per fio run (after the ramp)")
     p.add_argument("--ramp", type=float, help="fio ramp time in seconds (not measured)")
     p.add_argument("--numjobs", type=int, help="connections of the multi-connection fio jobs")
@@ -440,6 +445,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "depths",
             "nbd_depths",
             "pairs",
+            "inprocess_pairs",
             "runtime",
             "ramp",
             "numjobs",

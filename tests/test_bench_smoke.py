@@ -43,6 +43,8 @@ def test_vs_qemu_runs_at_tiny_sizes_and_writes_results(tools, tmp_path, capsys):
         "2",
         "--pairs",
         "1",
+        "--inprocess-pairs",
+        "1",
         "--runtime",
         "0.3",
         "--ramp",
