@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import ctypes
 import ctypes.util
+import errno
 import os
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -16,8 +16,8 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
-from .errors import Corruption
 from ._pyengine import chunk_sum
+from .errors import Corruption
 from .metadata import Metadata
 
 
@@ -73,8 +73,15 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engine_refs: bytes | None,
-          *, data: bool = False) -> CheckReport:
+def audit(
+    meta: Metadata,
+    data_fd: int,
+    chunk_size: int,
+    page_entries: int,
+    engine_refs: bytes | None,
+    *,
+    data: bool = False,
+) -> CheckReport:
     report = CheckReport()
     bad = report.problems
     for message in meta.check_integrity():
@@ -111,7 +118,8 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
     page_refs: dict[int, int] = {}
 
     def npages_of(size: int) -> int:
-        return -(-(-(-size // chunk_size)) // page_entries)
+        chunks = -(-size // chunk_size)
+        return -(-chunks // page_entries)
 
     for row in rows.values():
         where = f"snapshot {row.key!r}"
@@ -143,18 +151,23 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
             bad.append(Problem(f"page has {len(blob)} bytes, expected {8 * page_entries}", where))
             continue
         half = 4 * page_entries
-        for slot, crc in zip(_entries(blob[:half]), _entries(blob[half:])):
+        for slot, crc in zip(_entries(blob[:half]), _entries(blob[half:]), strict=True):
             if slot == 0:
                 continue
             if slot > nslots:
-                bad.append(Problem(f"names slot {slot}, past the end of the data file ({nslots} slots)", where))
+                bad.append(
+                    Problem(f"names slot {slot}, past the end of the data file ({nslots} slots)", where)
+                )
                 continue
             refs[slot] += 1
             if crc:
                 known = sums.setdefault(slot, (crc, page_id))
                 if known[0] != crc:
-                    bad.append(Problem(f"slot {slot} has sum {crc:#x} here but {known[0]:#x} in page {known[1]}",
-                                       where))
+                    bad.append(
+                        Problem(
+                            f"slot {slot} has sum {crc:#x} here but {known[0]:#x} in page {known[1]}", where
+                        )
+                    )
     report.referenced_slots = sum(1 for r in refs if r)
 
     if engine_refs is not None:
@@ -163,8 +176,11 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
             want = refs[slot] if slot < len(refs) else 0
             have = held[slot] if slot < len(held) else 0
             if want != have:
-                bad.append(Problem(f"refcount is {have} in memory but the maps reference it {want} times",
-                                   f"slot {slot}"))
+                bad.append(
+                    Problem(
+                        f"refcount is {have} in memory but the maps reference it {want} times", f"slot {slot}"
+                    )
+                )
 
     for start, end in _data_extents(data_fd, file_size):
         for slot in range(start // chunk_size + 1, -(-end // chunk_size) + 1):
@@ -180,5 +196,7 @@ def audit(meta: Metadata, data_fd: int, chunk_size: int, page_entries: int, engi
                 if got != chunk_size and slot * chunk_size <= file_size:
                     bad.append(Problem(f"short read: {got} of {chunk_size} bytes", f"slot {slot}"))
                 elif slot in sums and chunk_sum(buf) != sums[slot][0]:
-                    bad.append(Problem(f"chunk fails its checksum (named by page {sums[slot][1]})", f"slot {slot}"))
+                    bad.append(
+                        Problem(f"chunk fails its checksum (named by page {sums[slot][1]})", f"slot {slot}")
+                    )
     return report

@@ -673,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", _cmd_init, "create the store (or check an existing one's settings)")
     p.add_argument("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)")
     p.add_argument("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)")
-    p.add_argument("--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)")
+    p.add_argument(
+        "--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)"
+    )
 
     p = command("ls", _cmd_ls, "list snapshots")
     p.add_argument(

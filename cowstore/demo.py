@@ -71,8 +71,17 @@ def table(store: cowstore.Store) -> list[tuple[str, ...]]:
             if e.allocated:
                 depth_of[e.depth] = depth_of.get(e.depth, 0) + e.length
         depths = " ".join(f"{d}:{_human(n)}" for d, n in sorted(depth_of.items()))
-        rows.append((info.name, info.kind.value, info.parent or "-", _human(info.size), _human(exclusive),
-                     _human(allocated - exclusive), depths))
+        rows.append(
+            (
+                info.name,
+                info.kind.value,
+                info.parent or "-",
+                _human(info.size),
+                _human(exclusive),
+                _human(allocated - exclusive),
+                depths,
+            )
+        )
     return rows
 
 
@@ -81,8 +90,10 @@ def main() -> int:
         path = Path(tmp) / "store"
         started = time.perf_counter()
         with cowstore.open(path, create=True) as store:
-            print(f"cowstore {cowstore.__version__}: store at {path}, engine {store.engine}, "
-                  f"chunk size {_human(store.chunk_size)}")
+            print(
+                f"cowstore {cowstore.__version__}: store at {path}, engine {store.engine}, "
+                f"chunk size {_human(store.chunk_size)}"
+            )
             build(store)
             image = store.view("check/image", "sha256:image")
             before = hashlib.sha256(image.pread(64 * MiB, 0)).hexdigest()
@@ -93,7 +104,7 @@ def main() -> int:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         print()
         for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         print()
         print("EXCLUSIVE: bytes only this snapshot holds (copied up on write);")
         print("SHARED: bytes it reads from the layers below without a copy;")
@@ -105,8 +116,10 @@ def main() -> int:
             if [i.name for i in store.walk()] != [r[0] for r in rows[1:]]:
                 print("FAILED: reopening the store lost snapshots", file=sys.stderr)
                 return 1
-        print(f"\nThe image is unchanged by its containers' writes (sha256 {before[:16]}…); "
-              f"every snapshot is back after reopening. {time.perf_counter() - started:.2f} s in all.")
+        print(
+            f"\nThe image is unchanged by its containers' writes (sha256 {before[:16]}…); "
+            f"every snapshot is back after reopening. {time.perf_counter() - started:.2f} s in all."
+        )
     return 0
 
 

@@ -90,7 +90,8 @@ class Metadata:
         version = rows.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise InvalidArgument(
-                f"{where}: store format version {version} is newer than this cowstore reads ({FORMAT_VERSION})"
+                f"{where}: store format version {version} is newer than this cowstore reads "
+                f"({FORMAT_VERSION})"
             )
         return rows
 
@@ -101,10 +102,12 @@ class Metadata:
     def snapshots(self) -> list[Row]:
         """Every snapshot row, parents before children; damaged rows raise `Corruption`."""
         with _damage("snapshot table"):
-            rows = list(self._db.execute(
-                "SELECT id, key, kind, parent, labels, created, updated, size, directory, directory_crc "
-                "FROM snapshots ORDER BY id"
-            ))
+            rows = list(
+                self._db.execute(
+                    "SELECT id, key, kind, parent, labels, created, updated, size, directory, directory_crc "
+                    "FROM snapshots ORDER BY id"
+                )
+            )
             result = []
             for r in rows:
                 if not isinstance(r[8], bytes) or zlib.crc32(r[8]) != r[9]:
@@ -141,8 +144,11 @@ class _damage:
         return None
 
     def __exit__(self, kind, value, tb) -> None:
-        if kind is not None and issubclass(kind, (sqlite3.DatabaseError, ValueError, TypeError)) \
-                and not issubclass(kind, Error):
+        if (
+            kind is not None
+            and issubclass(kind, (sqlite3.DatabaseError, ValueError, TypeError))
+            and not issubclass(kind, Error)
+        ):
             raise Corruption(f"the metadata database is damaged ({self._what}): {value}") from value
 
 
@@ -174,8 +180,18 @@ class _Transaction:
 def insert_snapshot(db: sqlite3.Connection, row: Row) -> None:
     db.execute(
         "INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (row.id, row.key, row.kind, row.parent, json.dumps(row.labels), row.created, row.updated, row.size,
-         row.directory, zlib.crc32(row.directory)),
+        (
+            row.id,
+            row.key,
+            row.kind,
+            row.parent,
+            json.dumps(row.labels),
+            row.created,
+            row.updated,
+            row.size,
+            row.directory,
+            zlib.crc32(row.directory),
+        ),
     )
 
 
@@ -183,5 +199,7 @@ def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> Non
     """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
     db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", [(i, e, zlib.crc32(e)) for i, e in pages])
     db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in dead_pages])
-    db.executemany("UPDATE snapshots SET directory = ?, directory_crc = ? WHERE id = ?",
-                   [(d, zlib.crc32(d), i) for i, d in directories])
+    db.executemany(
+        "UPDATE snapshots SET directory = ?, directory_crc = ? WHERE id = ?",
+        [(d, zlib.crc32(d), i) for i, d in directories],
+    )

@@ -48,8 +48,17 @@ class _Snapshot:
 
     __slots__ = ("created", "dead", "id", "key", "kind", "labels", "parent", "size", "updated")
 
-    def __init__(self, id: int, key: str, kind: Kind, parent: _Snapshot | None, labels: dict[str, str],
-                 created: int, updated: int, size: int) -> None:
+    def __init__(
+        self,
+        id: int,
+        key: str,
+        kind: Kind,
+        parent: _Snapshot | None,
+        labels: dict[str, str],
+        created: int,
+        updated: int,
+        size: int,
+    ) -> None:
         self.id = id
         self.key = key
         self.kind = kind
@@ -80,8 +89,17 @@ class _Snapshot:
         )
 
     def row(self, directory: bytes = b"") -> metadata.Row:
-        return metadata.Row(self.id, self.key, self.kind.value, self.parent.id if self.parent else None,
-                            self.labels, self.created, self.updated, self.size, directory)
+        return metadata.Row(
+            self.id,
+            self.key,
+            self.kind.value,
+            self.parent.id if self.parent else None,
+            self.labels,
+            self.created,
+            self.updated,
+            self.size,
+            directory,
+        )
 
 
 def _now() -> int:
@@ -143,8 +161,18 @@ class Store:
     Made by `cowstore.open` or `cowstore.memory`. Thread-safe; a context manager.
     """
 
-    def __init__(self, *, where: str, meta: metadata.Metadata, data_fd: int, lock_fd: int | None,
-                 settings: dict[str, int], engine: str | None, durable: bool, verify_reads: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        where: str,
+        meta: metadata.Metadata,
+        data_fd: int,
+        lock_fd: int | None,
+        settings: dict[str, int],
+        engine: str | None,
+        durable: bool,
+        verify_reads: bool = False,
+    ) -> None:
         self._where = where
         self._meta = meta
         self._data_fd = data_fd
@@ -182,8 +210,9 @@ class Store:
                     parent = by_id.get(row.parent)
                     if parent is None:
                         raise Corruption(f"{self._where}: snapshot {row.key!r} names a missing parent")
-                s = _Snapshot(row.id, row.key, Kind(row.kind), parent, row.labels, row.created, row.updated,
-                              row.size)
+                s = _Snapshot(
+                    row.id, row.key, Kind(row.kind), parent, row.labels, row.created, row.updated, row.size
+                )
                 eng.load_map(row.id, -(-row.size // self.chunk_size), row.directory)
                 by_id[row.id] = s
                 self._snapshots[row.key] = s
@@ -196,8 +225,14 @@ class Store:
 
     # -- containerd's snapshotter -------------------------------------------
 
-    def prepare(self, key: str, parent: str | None = None, *, size: int | None = None,
-                labels: Mapping[str, str] | None = None) -> Volume:
+    def prepare(
+        self,
+        key: str,
+        parent: str | None = None,
+        *,
+        size: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Volume:
         """Create an active (read-write) snapshot on `parent`, or empty of `size` bytes."""
         return self._create(Kind.ACTIVE, key, parent, size, labels)
 
@@ -205,14 +240,17 @@ class Store:
         """Create a read-only view of the committed snapshot `parent`."""
         return self._create(Kind.VIEW, key, parent, None, labels)
 
-    def _create(self, kind: Kind, key: str, parent: str | None, size: int | None,
-                labels: Mapping[str, str] | None) -> Volume:
+    def _create(
+        self, kind: Kind, key: str, parent: str | None, size: int | None, labels: Mapping[str, str] | None
+    ) -> Volume:
         _check_key(key)
         labels = _check_labels(labels)
         if parent is not None:
             _check_key(parent, "parent")
             if size is not None:
-                raise InvalidArgument("size applies only to a snapshot without a parent: a child has its parent's size")
+                raise InvalidArgument(
+                    "size applies only to a snapshot without a parent: a child has its parent's size"
+                )
         with self._lock:
             self._check_open()
             if key in self._snapshots:
@@ -251,7 +289,9 @@ class Store:
             if name in self._snapshots:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
             if s.kind is not Kind.ACTIVE:
-                raise FailedPrecondition(f"snapshot {key!r} is {s.kind.value}: only an active snapshot commits")
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is {s.kind.value}: only an active snapshot commits"
+                )
             now = _now()
             c = _Snapshot(self._next_id, name, Kind.COMMITTED, s.parent, labels, now, now, s.size)
             self._next_id += 1
@@ -311,13 +351,17 @@ class Store:
                     else:
                         labels.pop(k, None)
                 else:
-                    raise InvalidArgument(f"cannot update field {path!r}: only labels and labels.<key> change")
+                    raise InvalidArgument(
+                        f"cannot update field {path!r}: only labels and labels.<key> change"
+                    )
             s.labels = labels
             s.updated = _now()
-            self._persist(lambda db: db.execute(
-                "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
-                (metadata.json.dumps(labels), s.updated, s.id),
-            ))
+            self._persist(
+                lambda db: db.execute(
+                    "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
+                    (metadata.json.dumps(labels), s.updated, s.id),
+                )
+            )
             return s.info()
 
     def usage(self, key: str) -> Usage:
@@ -336,7 +380,9 @@ class Store:
             self._check_open()
             s = self._get(key)
             if s.kind is Kind.COMMITTED:
-                raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is committed: prepare or view a child to mount it"
+                )
             return Volume(self, s)
 
     def map(self, key: str, offset: int = 0, length: int | None = None) -> list[Extent]:
@@ -347,8 +393,13 @@ class Store:
             s = self._get(key)
             if length is None:
                 length = s.size - offset if isinstance(offset, int) else 0
-            if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0 \
-                    or offset + length > s.size:
+            if (
+                not isinstance(offset, int)
+                or not isinstance(length, int)
+                or offset < 0
+                or length < 0
+                or offset + length > s.size
+            ):
                 raise InvalidArgument(f"range {offset}+{length} is outside the snapshot of {s.size} bytes")
             return self._extents(s, offset, length)
 
@@ -369,8 +420,12 @@ class Store:
             self._check_open()
             infos = [s.info() for _, s in sorted(self._snapshots.items())]
         for info in infos:
-            fields = {"name": info.name, "kind": info.kind.value, "parent": info.parent or "",
-                      "labels": info.labels}
+            fields = {
+                "name": info.name,
+                "kind": info.kind.value,
+                "parent": info.parent or "",
+                "labels": info.labels,
+            }
             if match(fields):
                 yield info
 
@@ -397,8 +452,14 @@ class Store:
         with self._lock:
             self._check_open()
             self._persist(None)
-            return audit(self._meta, self._data_fd, self.chunk_size, self._engine.page_entries,
-                         self._engine.refcounts(), data=data)
+            return audit(
+                self._meta,
+                self._data_fd,
+                self.chunk_size,
+                self._engine.page_entries,
+                self._engine.refcounts(),
+                data=data,
+            )
 
     def repair(self) -> CheckReport:
         """Free leaked slots and pages; refuses (`Corruption`) damage it cannot fix safely.
@@ -432,8 +493,9 @@ class Store:
             free = self._engine.take_free()
             try:
                 for first, count in _fs.ranges(free):
-                    if first <= slots and _fs.punch_hole(self._data_fd, (first - 1) * self.chunk_size,
-                                                         count * self.chunk_size):
+                    if first <= slots and _fs.punch_hole(
+                        self._data_fd, (first - 1) * self.chunk_size, count * self.chunk_size
+                    ):
                         freed += count * self.chunk_size
             finally:
                 self._engine.release(free)
@@ -539,7 +601,9 @@ def _lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise Locked(f"store {path} is in use: process {holder} holds the lock on {path / LOCK_FILE}") from None
+        raise Locked(
+            f"store {path} is in use: process {holder} holds the lock on {path / LOCK_FILE}"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -572,7 +636,9 @@ def _create(path: Path, settings: dict[str, int]) -> None:
         except OSError:
             if (path / META_FILE).exists():
                 return
-            raise InvalidArgument(f"{path} exists and is not an empty directory or a cowstore store") from None
+            raise InvalidArgument(
+                f"{path} exists and is not an empty directory or a cowstore store"
+            ) from None
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
@@ -589,9 +655,16 @@ def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int
     }
 
 
-def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int | None = None,
-         default_size: int | None = None, max_bytes: int | None = None, verify_reads: bool = False,
-         engine: str | None = None) -> Store:
+def open(
+    path: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    chunk_size: int | None = None,
+    default_size: int | None = None,
+    max_bytes: int | None = None,
+    verify_reads: bool = False,
+    engine: str | None = None,
+) -> Store:
     """Open the store at `path`; with `create=True`, create it first if it is missing.
 
     `max_bytes` limits the pool (kept in the store until changed); `verify_reads` checks the
@@ -617,7 +690,8 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
             for name, value in (("chunk_size", chunk_size), ("default_size", default_size)):
                 if value is not None and value != stored.get(name):
                     raise InvalidArgument(
-                        f"{name}={value} differs from the store's {name}={stored.get(name)}, fixed at creation"
+                        f"{name}={value} differs from the store's {name}={stored.get(name)}, "
+                        "fixed at creation"
                     )
             if max_bytes is not None:
                 stored = {**stored, "max_bytes": max_bytes}
@@ -626,8 +700,16 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
             except FileNotFoundError:
                 raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
             try:
-                store = Store(where=str(path), meta=meta, data_fd=data_fd, lock_fd=lock_fd, settings=stored,
-                              engine=engine, durable=True, verify_reads=verify_reads)
+                store = Store(
+                    where=str(path),
+                    meta=meta,
+                    data_fd=data_fd,
+                    lock_fd=lock_fd,
+                    settings=stored,
+                    engine=engine,
+                    durable=True,
+                    verify_reads=verify_reads,
+                )
                 if max_bytes is not None:
                     meta.set_setting("max_bytes", max_bytes)
                 return store
@@ -642,12 +724,26 @@ def open(path: str | os.PathLike[str], *, create: bool = False, chunk_size: int 
         raise
 
 
-def memory(*, chunk_size: int | None = None, default_size: int | None = None, max_bytes: int | None = None,
-           verify_reads: bool = False, engine: str | None = None) -> Store:
+def memory(
+    *,
+    chunk_size: int | None = None,
+    default_size: int | None = None,
+    max_bytes: int | None = None,
+    verify_reads: bool = False,
+    engine: str | None = None,
+) -> Store:
     """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
     settings = {**_settings(chunk_size, default_size), "max_bytes": max_bytes}
     meta = metadata.Metadata(":memory:")
     meta.create(settings)
     data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)
-    return Store(where=":memory:", meta=meta, data_fd=data_fd, lock_fd=None, settings=settings, engine=engine,
-                 durable=False, verify_reads=verify_reads)
+    return Store(
+        where=":memory:",
+        meta=meta,
+        data_fd=data_fd,
+        lock_fd=None,
+        settings=settings,
+        engine=engine,
+        durable=False,
+        verify_reads=verify_reads,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -68,11 +69,11 @@ def test_random_bad_arguments_raise_only_cowstore_errors(shared_store, call, a, 
         CALLS[call](shared_store, a, b, c)
     except errors.Error as exc:
         assert str(exc)
-    for key in [k for k in ("fresh", a, b) if isinstance(k, str) and k not in ("base", "committed", "view", "active")]:
-        try:
+    for key in [
+        k for k in ("fresh", a, b) if isinstance(k, str) and k not in ("base", "committed", "view", "active")
+    ]:
+        with contextlib.suppress(errors.Error):
             shared_store.remove(key)
-        except errors.Error:
-            pass
     assert shared_store.view("probe", "committed").pread(9, 0) == b"base data"
     shared_store.remove("probe")
     assert shared_store.mounts("view").pread(9, 0) == b"base data"

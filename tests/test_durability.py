@@ -182,7 +182,9 @@ def test_second_process_gets_locked_with_the_holders_pid(disk_store, tmp_path):
         "try:\n    cowstore.open(sys.argv[1])\n"
         "except cowstore.errors.Locked as e:\n    print('LOCKED', e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True
+    )
     assert out.stdout.startswith("LOCKED") and str(os.getpid()) in out.stdout, out.stderr
 
 

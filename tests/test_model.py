@@ -40,7 +40,9 @@ class SnapshotterModel(RuleBasedStateMachine):
     def _open(self, create: bool = False) -> cowstore.Store:
         if self.dir is None:
             return cowstore.memory(chunk_size=CHUNK, default_size=SIZE, engine=self.engine)
-        return cowstore.open(self.dir / "s", create=create, chunk_size=CHUNK, default_size=SIZE, engine=self.engine)
+        return cowstore.open(
+            self.dir / "s", create=create, chunk_size=CHUNK, default_size=SIZE, engine=self.engine
+        )
 
     def teardown(self) -> None:
         self.store.close()
@@ -74,8 +76,12 @@ class SnapshotterModel(RuleBasedStateMachine):
         self.kind[key], self.parent[key] = "view", name
 
     @precondition(lambda self: self._keys("active"))
-    @rule(pick=st.integers(0, 100), offset=offsets, data=st.binary(min_size=1, max_size=2 * CHUNK + 10),
-          zeros=st.booleans())
+    @rule(
+        pick=st.integers(0, 100),
+        offset=offsets,
+        data=st.binary(min_size=1, max_size=2 * CHUNK + 10),
+        zeros=st.booleans(),
+    )
     def pwrite(self, pick, offset, data, zeros):
         key = self._keys("active")[pick % len(self._keys("active"))]
         if zeros:
@@ -145,10 +151,14 @@ class SnapshotterModel(RuleBasedStateMachine):
 
 
 def _case(engine: str, on_disk: bool):
-    machine = type(f"Model_{engine}_{'disk' if on_disk else 'memory'}", (SnapshotterModel,),
-                   {"engine": engine, "on_disk": on_disk})
-    machine.TestCase.settings = settings(max_examples=25, stateful_step_count=40, deadline=None,
-                                         suppress_health_check=list(HealthCheck))
+    machine = type(
+        f"Model_{engine}_{'disk' if on_disk else 'memory'}",
+        (SnapshotterModel,),
+        {"engine": engine, "on_disk": on_disk},
+    )
+    machine.TestCase.settings = settings(
+        max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+    )
     test = machine.TestCase
     if engine not in _backend.ENGINES and not os.environ.get("CI"):
         test = pytest.mark.skip(reason="the Cython extension is not built")(test)

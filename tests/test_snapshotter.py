@@ -15,7 +15,13 @@ from .conftest import CHUNK, SIZE
 def test_prepare_creates_an_active_snapshot_with_default_size(store):
     vol = store.prepare("a", labels={"x": "1"})
     info = store.stat("a")
-    assert (info.name, info.kind, info.parent, info.labels, info.size) == ("a", Kind.ACTIVE, None, {"x": "1"}, SIZE)
+    assert (info.name, info.kind, info.parent, info.labels, info.size) == (
+        "a",
+        Kind.ACTIVE,
+        None,
+        {"x": "1"},
+        SIZE,
+    )
     assert info.created == info.updated and info.created.tzinfo == timezone.utc
     assert (vol.key, vol.size, vol.readonly) == ("a", SIZE, False)
 
@@ -111,7 +117,7 @@ def test_remove_of_a_snapshot_with_children_is_refused(store):
     store.prepare("a")
     store.commit("c", "a")
     store.view("v", "c")
-    with pytest.raises(errors.FailedPrecondition, match="cannot remove snapshot .* with children"):
+    with pytest.raises(errors.FailedPrecondition, match=r"cannot remove snapshot .* with children"):
         store.remove("c")
     store.remove("v")
     store.remove("c")
