@@ -108,6 +108,9 @@ cdef struct DiffRuns:
 
 cdef struct State:
     int fd
+    const unsigned char *view   # the data file mapped read-only (NULL: read with pread)
+    uint64_t view_len       # bytes of address space mapped
+    uint64_t file_size      # bytes known to be in the data file: a mapped read below it cannot fault
     uint64_t cs             # chunk size (a power of two)
     uint64_t cs_mask
     unsigned int cs_shift

@@ -31,6 +31,8 @@ from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
+from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
 
@@ -67,8 +69,56 @@ from cowstore.errors import Corruption, NoSpace
 cdef extern from *:
     """
     #include <pthread.h>
+    #include <setjmp.h>
+    #include <signal.h>
     #include <stdint.h>
     #include <string.h>
+
+    /* Reads copy from a mapping of the data file. Should the file shrink under us (someone
+       else truncated it despite the lock) or the disk fail, the copy faults with SIGBUS; the
+       handler turns that fault into an error return instead of the end of the process. A
+       SIGBUS outside a guarded copy goes to the handler that was there before. */
+    static __thread sigjmp_buf *volatile cs_bus_jump;
+    static struct sigaction cs_bus_previous;
+
+    static void cs_bus_handler(int sig, siginfo_t *info, void *context) {
+        sigjmp_buf *jump = cs_bus_jump;
+        if (jump != NULL) {
+            cs_bus_jump = NULL;
+            siglongjmp(*jump, 1);
+        }
+        if (cs_bus_previous.sa_flags & SA_SIGINFO) {
+            cs_bus_previous.sa_sigaction(sig, info, context);
+        } else if (cs_bus_previous.sa_handler != SIG_DFL && cs_bus_previous.sa_handler != SIG_IGN) {
+            cs_bus_previous.sa_handler(sig);
+        } else {
+            signal(sig, SIG_DFL);
+            raise(sig);
+        }
+    }
+
+    /* Puts the handler in place unless it is already; 0 on success. Called whenever an
+       engine maps a file, since others (Python's faulthandler) may have replaced it. */
+    static int cs_bus_guard_install(void) {
+        struct sigaction action, current;
+        if (sigaction(SIGBUS, NULL, &current) != 0) return -1;
+        if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == cs_bus_handler) return 0;
+        memset(&action, 0, sizeof action);
+        action.sa_sigaction = cs_bus_handler;
+        action.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&action.sa_mask);
+        return sigaction(SIGBUS, &action, &cs_bus_previous);
+    }
+
+    /* memcpy that returns -1 instead of dying when the source faults. */
+    static int cs_guarded_copy(void *dst, const void *src, size_t n) {
+        sigjmp_buf jump;
+        if (sigsetjmp(jump, 0)) return -1;
+        cs_bus_jump = &jump;
+        memcpy(dst, src, n);
+        cs_bus_jump = NULL;
+        return 0;
+    }
 
     static int cs_rwlock_init(pthread_rwlock_t *lock) {
         pthread_rwlockattr_t attr;
@@ -150,6 +200,8 @@ cdef extern from *:
     }
     """
     int cs_rwlock_init(pthread_rwlock_t *lock) nogil
+    int cs_bus_guard_install() nogil
+    int cs_guarded_copy(void *dst, const void *src, size_t n) nogil
     void cs_crc32_init()
     uint32_t cs_crc32(const unsigned char *p, size_t n) nogil
     void cs_le32_copy(void *dst, const void *src, size_t n) nogil
@@ -528,6 +580,41 @@ cdef int pread_full(int fd, unsigned char *buf, uint64_t n, uint64_t off, Err *e
     return 0
 
 
+cdef uint64_t VIEW_MIN = <uint64_t>1 << 36
+
+
+cdef void view_grow(State *st, uint64_t end) noexcept nogil:
+    """Note that the data file holds `end` bytes, and map it so reads below are a memcpy.
+
+    The mapping reserves address space well past the file (64 GiB, then doubling), so it is
+    redone rarely, and only under the exclusive lock, while no read is copying from it. If
+    mmap fails, reads keep using pread.
+    """
+    cdef uint64_t want = VIEW_MIN
+    cdef void *p
+    if end > st.file_size:
+        st.file_size = end
+    if st.file_size <= st.view_len or cs_bus_guard_install() != 0:
+        return
+    while want < st.file_size:
+        want *= 2
+    if st.view != NULL:
+        munmap(<void *>st.view, st.view_len)
+        st.view = NULL
+        st.view_len = 0
+    p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
+    if p != MAP_FAILED:
+        st.view = <const unsigned char *>p
+        st.view_len = want
+
+
+cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    if pwrite_full(st.fd, buf, n, off, err) < 0:
+        return -1
+    view_grow(st, off + n)
+    return 0
+
+
 cdef int pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
     cdef ssize_t r
     while n:
@@ -630,7 +717,12 @@ cdef int st_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t n
                 slot = nxt
                 chunk += 1
                 run += cs if n - pos - run > cs else n - pos - run
-            if pread_full(st.fd, buf + pos, run, foff, err) < 0:
+            if st.view != NULL and foff + run <= st.file_size:
+                if cs_guarded_copy(buf + pos, st.view + foff, run) < 0:
+                    err.kind = E_CORRUPT
+                    err.a = <int64_t>foff
+                    return -1
+            elif pread_full(st.fd, buf + pos, run, foff, err) < 0:
                 return -1
         pos += run
     return 0
@@ -669,7 +761,7 @@ cdef int write_in_place(State *st, Page *page, uint64_t i, const unsigned char *
     if piece == NULL:
         memset(st.scratch, 0, n)
         piece = st.scratch
-    return pwrite_full(st.fd, piece, n, off, err)
+    return st_pwrite(st, piece, n, off, err)
 
 
 cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const unsigned char *piece,
@@ -721,7 +813,7 @@ cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const u
             err.kind = rc
             err.a = <int64_t>st.nslots
             return -1
-        if pwrite_full(st.fd, src, cs, (<uint64_t>new - 1) * cs, err) < 0:
+        if st_pwrite(st, src, cs, (<uint64_t>new - 1) * cs, err) < 0:
             st.refs[new] = 0
             st.used -= 1
             free_push(st, new)
@@ -993,6 +1085,7 @@ cdef class Engine:
         self.st.page_bytes = sizeof(Page) + 8 * self.st.pe
         self.st.max_slots = MAX_SLOT
         self.st.next_page_id = 1
+        cs_bus_guard_install()
         if ensure_slots(&self.st, 0):
             raise MemoryError()
         if cs_rwlock_init(&self.lock):
@@ -1034,6 +1127,8 @@ cdef class Engine:
         free(st.dirty_maps.a)
         free(st.dead.a)
         free(st.scratch)
+        if st.view != NULL:
+            munmap(<void *>st.view, st.view_len)
         if self.lock_ready:
             pthread_rwlock_destroy(&self.lock)
 
@@ -1213,6 +1308,7 @@ cdef class Engine:
         cdef uint8_t *bits = NULL
         cdef uint32_t *e
         cdef Page *p
+        cdef struct_stat sb
         cdef int kind = E_OK
         if nslots > st.max_slots:
             raise ValueError(f"pool of {nslots} slots exceeds the limit")
@@ -1268,6 +1364,8 @@ cdef class Engine:
                 bits = NULL
                 st.slot_cap = n + 1
                 st.nslots = n
+                if fstat(st.fd, &sb) == 0:
+                    view_grow(st, <uint64_t>sb.st_size)
                 st.used = used
                 st.free.n = 0
                 s = n
@@ -1833,6 +1931,7 @@ cdef class Engine:
                 if rc < 0:
                     rc = errno
                 else:
+                    st.file_size = n * st.cs
                     j = 0
                     for i in range(st.free.n):
                         s = st.free.a[i]
