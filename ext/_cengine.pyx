@@ -13,6 +13,12 @@ released; everything that changes metadata takes it exclusive, also with the GIL
 released. The lock is only ever waited for without the GIL. Data I/O (pread, pwrite,
 fsync, ftruncate) always runs without the GIL.
 
+Reads copy from a read-only shared mapping of the data file (no system call per read);
+writes stay pwrite, so a full disk is an error, not a fault. A read that faults (the
+file shrank under the store's lock, or the disk failed) raises Corruption; bytes past
+the end of the file inside its last page read as zeros, which only an outside truncation
+while the store is open can cause.
+
 Differences from the reference are deliberate and only where the reference corrupts its
 state or raises an unrelated error: a write or zero that would hit `NoSpace` changes
 nothing; `load_*` after `finish_load`, a second `finish_load`, and slot-refcount changes
