@@ -400,7 +400,7 @@ def draw(doc: dict[str, Any], path: Path) -> bool:
 
     def nbd(job: str, who: str, field: str, scale: float) -> tuple[list[int], list[float]]:
         pts = [
-            (c["depth"], ((c.get("median") or {}).get(who) or {}).get(field))
+            (c["chain"], ((c.get("median") or {}).get(who) or {}).get(field))
             for c in vs.get("nbd", [])
             if c["job"] == job
         ]
@@ -461,7 +461,7 @@ def draw(doc: dict[str, Any], path: Path) -> bool:
         depths = sorted({int(x) for line in ax.get_lines() for x in line.get_xdata()})
         if depths:
             ax.set_xticks(depths, [str(d) for d in depths])
-        ax.set_xlabel("chain depth (layers; NBD: chain + fresh top)")
+        ax.set_xlabel("chain depth (layers; NBD serves a fresh top on the chain)")
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
