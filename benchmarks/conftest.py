@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import cowstore
-from benchmarks import results
+from benchmarks import peers, results
 from cowstore import _backend
 
 ENGINES = ("cython", "python")
@@ -79,6 +79,7 @@ class Recorder:
 
 
 RECORDER = Recorder()
+BUILD = peers.build_identity()
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +95,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "engines": sorted(_backend.ENGINES),
         "cowstore": cowstore.__version__,
         "platform": platform.platform(),
+        "build": BUILD,
+        "build_changed": peers.build_identity() != BUILD,
     }
     results.update(
         "micro", {"meta": meta, "benchmarks": RECORDER.benchmarks, "figures": RECORDER.figures}, merge=True

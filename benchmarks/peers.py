@@ -9,6 +9,7 @@ block ends, whatever happens inside. Every fio run is bounded by `--runtime` and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,27 @@ def tool_versions() -> dict[str, str]:
             continue
         versions[name] = out.strip().splitlines()[0] if out.strip() else "?"
     return versions
+
+
+def build_identity() -> dict[str, str | None]:
+    """Which cowstore is measured: the checkout's commit and a digest of the built extension.
+
+    The extension can be rebuilt while a long run goes on (servers start as new processes
+    and would load the new one), so runs record this at the start and the end.
+    """
+    ident: dict[str, str | None] = {"commit": None, "extension": None}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["git", "-C", _source_root(), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        ident["commit"] = done.stdout.strip() or None
+    ext = next(Path(cowstore.__file__).parent.glob("_cengine*.so"), None)
+    if ext is not None:
+        ident["extension"] = hashlib.sha256(ext.read_bytes()).hexdigest()[:16]
+    return ident
 
 
 def _source_root() -> str:

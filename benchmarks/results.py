@@ -346,6 +346,14 @@ def _micro_lines(micro: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _build_text(meta: dict[str, Any]) -> str:
+    build = meta.get("build") or {}
+    text = f"cowstore {build.get('commit') or '?'}, extension {build.get('extension') or 'none'}"
+    if meta.get("build_changed"):
+        text += " (REBUILT during the run: figures mix two builds)"
+    return text
+
+
 def markdown(doc: dict[str, Any]) -> str:
     lines = ["# cowstore benchmark results", ""]
     lines += _table(["target", "measured", "status"], [[t.goal, t.measured, t.status] for t in targets(doc)])
@@ -359,7 +367,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"volume {cfg.get('size', 0) / 2**20:.0f} MiB, {cfg.get('chunk', 0) // 1024} KiB chunks, "
             f"{cfg.get('inprocess_pairs')} (in process) and {cfg.get('pairs')} (NBD) alternating runs a case "
             f"(median), fio runtime {cfg.get('runtime')} s after a {cfg.get('ramp')} s ramp; "
-            f"build {seconds(meta.get('build_s'))}, total {seconds(meta.get('seconds'))}.",
+            f"build {seconds(meta.get('build_s'))}, total {seconds(meta.get('seconds'))}; "
+            f"{_build_text(meta)}.",
             "",
         ]
         if vs.get("inprocess"):
@@ -369,7 +378,7 @@ def markdown(doc: dict[str, Any]) -> str:
     micro = doc.get("micro")
     if micro:
         meta = micro.get("meta") or {}
-        lines += ["", f"Micro-benchmarks: {meta.get('finished', '?')}.", ""]
+        lines += ["", f"Micro-benchmarks: {meta.get('finished', '?')}; {_build_text(meta)}.", ""]
         lines += _micro_lines(micro)
     return "\n".join(lines) + "\n"
 

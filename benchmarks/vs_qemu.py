@@ -359,6 +359,7 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
     nbd_depths = set(cfg.depths if cfg.nbd_depths is None else cfg.nbd_depths) if cfg.nbd else set()
     section: dict[str, Any] = {"inprocess": [], "memcpy": [], "nbd": []}
     started = _now()
+    build_before = peers.build_identity()
     build = 0.0
     engine = "?"
     with tempfile.TemporaryDirectory(prefix="cowbench-") as sockdir:
@@ -385,7 +386,12 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
                     section["nbd"] += bench.run(jobs, log)
                 finally:
                     bench.close()
+    build_after = peers.build_identity()
+    if build_after != build_before:
+        log(f"WARNING: cowstore changed during the run ({build_before} -> {build_after}): measure again")
     section["meta"] = {
+        "build": build_before,
+        "build_changed": build_after != build_before,
         "config": asdict(cfg),
         "engine": engine,
         "build_s": build,
