@@ -32,6 +32,7 @@ stress: $(STAMP)
 # The engine tests with the extension built under AddressSanitizer and UBSan; rebuilds the normal one after.
 SANITIZE_LIBS = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
 sanitize: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check "Cython>=3.0" "setuptools>=64"
 	COWSTORE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1" \
 		$(PY) setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 LD_PRELOAD="$(SANITIZE_LIBS)" COWSTORE_REQUIRE_EXTENSION=1 \
