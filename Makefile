@@ -24,6 +24,7 @@ test: $(STAMP) lint
 	COWSTORE_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_backend.py
 
 bench: $(STAMP)
+	bash .ci/install-tools
 	$(PY) -m pytest -q benchmarks
 
 stress: $(STAMP)
