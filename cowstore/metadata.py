@@ -195,10 +195,25 @@ def insert_snapshot(db: sqlite3.Connection, row: Row) -> None:
     )
 
 
+def delete_snapshot(db: sqlite3.Connection, snapshot_id: int) -> None:
+    db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
+
+
+def update_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, str], updated: int) -> None:
+    db.execute(
+        "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
+        (json.dumps(labels), updated, snapshot_id),
+    )
+
+
+def delete_pages(db: sqlite3.Connection, page_ids) -> None:
+    db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in page_ids])
+
+
 def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> None:
     """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
     db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", [(i, e, zlib.crc32(e)) for i, e in pages])
-    db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in dead_pages])
+    delete_pages(db, dead_pages)
     db.executemany(
         "UPDATE snapshots SET directory = ?, directory_crc = ? WHERE id = ?",
         [(d, zlib.crc32(d), i) for i, d in directories],

@@ -305,7 +305,7 @@ class Store:
             old_id = s.id
 
             def rows(db):
-                db.execute("DELETE FROM snapshots WHERE id = ?", (old_id,))
+                metadata.delete_snapshot(db, old_id)
                 metadata.insert_snapshot(db, c.row())
 
             self._persist(rows)
@@ -323,7 +323,7 @@ class Store:
             del self._snapshots[key]
             if s.parent is not None:
                 self._children[s.parent.id] -= 1
-            self._persist(lambda db: db.execute("DELETE FROM snapshots WHERE id = ?", (s.id,)))
+            self._persist(lambda db: metadata.delete_snapshot(db, s.id))
 
     def stat(self, key: str) -> Info:
         _check_key(key)
@@ -356,12 +356,7 @@ class Store:
                     )
             s.labels = labels
             s.updated = _now()
-            self._persist(
-                lambda db: db.execute(
-                    "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
-                    (metadata.json.dumps(labels), s.updated, s.id),
-                )
-            )
+            self._persist(lambda db: metadata.update_labels(db, s.id, labels, s.updated))
             return s.info()
 
     def usage(self, key: str) -> Usage:
@@ -476,7 +471,7 @@ class Store:
                 )
             if report.leaked_pages:
                 with self._meta.transaction() as db:
-                    db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in report.leaked_pages])
+                    metadata.delete_pages(db, report.leaked_pages)
             self.compact()
             return self.check()
 
