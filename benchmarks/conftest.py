@@ -96,7 +96,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "cowstore": cowstore.__version__,
         "platform": platform.platform(),
         "build": BUILD,
-        "build_changed": peers.build_identity() != BUILD,
+        "build_changed": not peers.same_build(BUILD, peers.build_identity()),
     }
     results.update(
         "micro", {"meta": meta, "benchmarks": RECORDER.benchmarks, "figures": RECORDER.figures}, merge=True

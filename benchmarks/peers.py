@@ -50,12 +50,15 @@ def tool_versions() -> dict[str, str]:
 
 
 def build_identity() -> dict[str, str | None]:
-    """Which cowstore is measured: the checkout's commit and a digest of the built extension.
+    """Which cowstore is measured: the checkout's commit, and digests of the package's Python
+    sources and of the built extension.
 
-    The extension can be rebuilt while a long run goes on (servers start as new processes
-    and would load the new one), so runs record this at the start and the end.
+    The package can change under a long run (servers start as new processes and would load
+    the new code), so runs record this at the start and compare `sources` and `extension`
+    at the end; `commit` is informational (other files may be committed meanwhile).
     """
-    ident: dict[str, str | None] = {"commit": None, "extension": None}
+    package = Path(cowstore.__file__).parent
+    ident: dict[str, str | None] = {"commit": None, "sources": None, "extension": None}
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run(
             ["git", "-C", _source_root(), "rev-parse", "--short", "HEAD"],
@@ -64,10 +67,18 @@ def build_identity() -> dict[str, str | None]:
             timeout=30,
         )
         ident["commit"] = done.stdout.strip() or None
-    ext = next(Path(cowstore.__file__).parent.glob("_cengine*.so"), None)
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    ident["sources"] = digest.hexdigest()[:16]
+    ext = next(package.glob("_cengine*.so"), None)
     if ext is not None:
         ident["extension"] = hashlib.sha256(ext.read_bytes()).hexdigest()[:16]
     return ident
+
+
+def same_build(a: dict[str, str | None], b: dict[str, str | None]) -> bool:
+    return (a.get("sources"), a.get("extension")) == (b.get("sources"), b.get("extension"))
 
 
 def _source_root() -> str:

@@ -15,10 +15,12 @@ import itertools
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,7 @@ COW_OPS = VOLUME // CHUNK
 DEPTH_VOLUME = 16 * MiB
 DEPTH_CHUNKS_PER_LAYER = 4
 DEPTHS = (1, 32, 256, 1024)
+ALTERNATING_ROUNDS = 25
 MAPPED = {"1k": 1_000, "100k": 100_000, "1M": 1_000_000}
 PLACES = [("tmpfs", "1k"), ("tmpfs", "100k"), ("tmpfs", "1M"), ("disk", "1k"), ("disk", "1M")]
 SHM = Path("/dev/shm")
@@ -188,6 +191,38 @@ def test_read_depth(benchmark, record, engine, chains, depth):
     )
 
 
+def test_read_depth_alternating(record, engine, chains):
+    """The depths of test_read_depth read in turn, round after round, medians reported.
+
+    Run one after another (as pytest-benchmark does), the depths also differ by whatever the
+    machine was doing meanwhile; read in turn, a drift hits every depth alike, so their ratio
+    is the cost of depth alone. Same reads as test_read_depth.
+    """
+    store = _chain(chains, engine)
+    views = {depth: store.view(f"turn-{depth}", f"layer-{depth}") for depth in DEPTHS}
+    offsets = list(range(0, DEPTH_VOLUME, 64 * KiB))
+    times: dict[int, list[float]] = {depth: [] for depth in DEPTHS}
+    try:
+        for _ in range(ALTERNATING_ROUNDS):
+            for depth, view in views.items():
+                run = _reader(view, 64 * KiB, offsets)
+                start = time.perf_counter()
+                run()
+                times[depth].append(time.perf_counter() - start)
+    finally:
+        for view in views.values():
+            store.remove(view.key)
+    depths = {}
+    for depth, values in times.items():
+        median = statistics.median(values)
+        depths[str(depth)] = {
+            "median_s": median,
+            "bytes_per_s": DEPTH_VOLUME / median,
+            "per_op_s": median / len(offsets),
+        }
+    record.figure("read_depth_alternating", engine, rounds=ALTERNATING_ROUNDS, depths=depths)
+
+
 _synth: dict[tuple[str, str], Path] = {}
 
 
@@ -231,6 +266,33 @@ def test_prepare(benchmark, record, engine, synth_root, where, chunks):
     finally:
         store.close()
     record.timing(benchmark, "prepare", engine, ops=1, params={"where": where, "chunks": chunks})
+
+
+def test_prepare_alternating(record, engine, synth_root):
+    """`prepare` on parents of 1k, 100k and 1M chunks (tmpfs) in turn, round after round, medians.
+
+    The sizes take turns so that drift in the machine's speed hits them alike: their ratio is
+    the cost of the parent's size alone. Same call as test_prepare.
+    """
+    stores = {
+        chunks: cowstore.open(_synth_store(synth_root, "tmpfs", chunks), engine=engine) for chunks in MAPPED
+    }
+    times: dict[str, list[float]] = {chunks: [] for chunks in MAPPED}
+    try:
+        for n in range(ALTERNATING_ROUNDS * 2):
+            for chunks, store in stores.items():
+                start = time.perf_counter()
+                store.prepare(f"turn-{n}", "base")
+                times[chunks].append(time.perf_counter() - start)
+                store.remove(f"turn-{n}")
+    finally:
+        for store in stores.values():
+            store.close()
+    sizes = {
+        chunks: {"median_s": statistics.median(values), "min_s": min(values)}
+        for chunks, values in times.items()
+    }
+    record.figure("prepare_alternating", engine, rounds=ALTERNATING_ROUNDS * 2, where="tmpfs", sizes=sizes)
 
 
 @pytest.mark.parametrize(("where", "chunks"), PLACES)

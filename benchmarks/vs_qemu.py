@@ -387,11 +387,12 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
                 finally:
                     bench.close()
     build_after = peers.build_identity()
-    if build_after != build_before:
+    changed = not peers.same_build(build_before, build_after)
+    if changed:
         log(f"WARNING: cowstore changed during the run ({build_before} -> {build_after}): measure again")
     section["meta"] = {
         "build": build_before,
-        "build_changed": build_after != build_before,
+        "build_changed": changed,
         "config": asdict(cfg),
         "engine": engine,
         "build_s": build,
