@@ -107,6 +107,7 @@ class Engine:
         self._dirty_pages: dict[int, _Page] = {}
         self._dirty_maps: set[int] = set()
         self._dead_pages: list[int] = []
+        self._finished = False
 
     @property
     def chunk_size(self) -> int:
@@ -120,6 +121,7 @@ class Engine:
 
     def load_page(self, page_id: int, blob: bytes) -> None:
         """Register a stored page; only valid before `finish_load`."""
+        self._check_loading()
         if len(blob) != 8 * self._pe:
             raise ValueError(f"page {page_id} has {len(blob)} bytes, expected {8 * self._pe}")
         if page_id <= 0 or page_id in self._loaded:
@@ -130,41 +132,43 @@ class Engine:
 
     def load_map(self, map_id: int, nchunks: int, directory: bytes) -> None:
         """Register a stored map whose pages were loaded with `load_page`."""
+        self._check_loading()
         ids = _from_le("Q", directory)
         if len(ids) != self._npages(nchunks):
             raise ValueError(f"map {map_id} directory has {len(ids)} pages, expected {self._npages(nchunks)}")
         if map_id in self._maps:
             raise ValueError(f"map {map_id} is loaded twice")
-        pages: list[_Page | None] = []
-        for page_id in ids:
-            if page_id == 0:
-                pages.append(None)
-                continue
-            page = self._loaded.get(page_id)
-            if page is None:
-                raise ValueError(f"map {map_id} names page {page_id}, which does not exist")
-            page.refs += 1
-            pages.append(page)
+        missing = [i for i in ids if i and i not in self._loaded]
+        if missing:
+            raise ValueError(f"map {map_id} names page {missing[0]}, which does not exist")
+        pages = [self._loaded[i] if i else None for i in ids]
+        for page in pages:
+            if page is not None:
+                page.refs += 1
         self._maps[map_id] = _Map(map_id, nchunks, pages)
 
     def finish_load(self, nslots: int) -> None:
         """Derive slot refcounts from the loaded pages; unreferenced pages become dead."""
-        if nslots > self._max_slots:
-            raise ValueError(f"pool of {nslots} slots exceeds the limit")
+        self._check_loading()
+        if not 0 <= nslots <= self._max_slots:
+            raise ValueError(f"pool of {nslots} slots is invalid or exceeds the limit")
         refs = array("I", bytes(4 * (nslots + 1)))
         for page in self._loaded.values():
-            if page.refs == 0:
-                self._dead_pages.append(page.id)
-                continue
-            for slot in page.entries:
+            for slot in page.entries if page.refs else ():
                 if slot:
                     if slot > nslots:
                         raise ValueError(f"page {page.id} names slot {slot}, beyond the pool of {nslots}")
                     refs[slot] += 1
+        self._dead_pages.extend(p.id for p in self._loaded.values() if p.refs == 0)
+        self._finished = True
         self._refs = refs
         self._nslots = nslots
         self._free = [s for s in range(nslots, 0, -1) if refs[s] == 0]
         self._loaded = {}
+
+    def _check_loading(self) -> None:
+        if self._finished:
+            raise ValueError("the engine has finished loading")
 
     def set_verify(self, verify: bool) -> None:
         """Check the sum of every chunk read that has one; a mismatch raises `Corruption`."""
@@ -180,6 +184,8 @@ class Engine:
         with self._lock:
             if map_id in self._maps:
                 raise ValueError(f"map {map_id} exists")
+            if nchunks < 0:
+                raise ValueError(f"map {map_id} cannot have {nchunks} chunks")
             self._maps[map_id] = _Map(map_id, nchunks, [None] * self._npages(nchunks))
             self._dirty_maps.add(map_id)
 
@@ -290,6 +296,8 @@ class Engine:
         """Runs of (chunks, depth, allocated) for chunks of chain[0]: depth k+1 means the
         map chain[k] supplies the chunk (its entry differs from chain[k+1]'s), 0 none."""
         with self._lock:
+            if not chain:
+                raise ValueError("depth_runs needs a chain of at least one map")
             maps = [self._map(i) for i in chain]
             self._check_range(maps[0], first_chunk * self._cs, count * self._cs)
             runs: list[tuple[int, int, bool]] = []
@@ -387,7 +395,16 @@ class Engine:
     def release(self, freed: list[int]) -> None:
         """Make slots freed by durable metadata available again."""
         with self._lock:
-            self._free.extend(freed)
+            slots = list(freed)
+            if not slots:
+                return
+            free = set(self._free)
+            for slot in slots:
+                if not 0 < slot <= self._nslots or self._refs[slot] or slot in free:
+                    raise ValueError(f"slot {slot} is not a freed slot of the pool")
+            if len(set(slots)) != len(slots):
+                raise ValueError("release was given a slot twice")
+            self._free.extend(slots)
 
     # -- internals -----------------------------------------------------------
 

@@ -711,7 +711,7 @@ def test_finish_load_rejects_slots_beyond_the_pool(engine):
     assert engine.stats()["used"] == 1
 
 
-@pytest.mark.parametrize("name", reference_bug("_pyengine.load_map counts pages before it fails"))
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 def test_a_failed_load_map_leaves_no_page_reference(name, data_fd):
     engine = ENGINES[name](data_fd, CS, PE)
     engine.load_page(1, bytes(8 * PE))
@@ -721,7 +721,7 @@ def test_a_failed_load_map_leaves_no_page_reference(name, data_fd):
     assert engine.take_changes().dead_pages == [1]
 
 
-@pytest.mark.parametrize("name", reference_bug("_pyengine.release trusts its slots"))
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 @pytest.mark.parametrize(
     "slots", [[0], [5], [1], [2], [3, 3], [3, 1]], ids=["zero", "beyond", "in use", "free", "twice", "mixed"]
 )
@@ -740,7 +740,7 @@ def test_release_rejects_slots_that_are_not_freed(name, slots, data_fd):
     assert engine.stats() == {"slots": 3, "used": 1, "free": 2, "pending": 0, "maps": 1}
 
 
-@pytest.mark.parametrize("name", reference_bug("_pyengine accepts loading after finish_load"))
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 def test_loading_after_finish_load_is_refused(name, data_fd):
     engine = ENGINES[name](data_fd, CS, PE)
     engine.finish_load(0)
@@ -750,14 +750,14 @@ def test_loading_after_finish_load_is_refused(name, data_fd):
         engine.finish_load(0)
 
 
-@pytest.mark.parametrize("name", reference_bug("_pyengine raises IndexError for an empty chain"))
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 def test_depth_runs_of_an_empty_chain_is_a_bad_argument(name, data_fd):
     engine = ENGINES[name](data_fd, CS, PE)
     with pytest.raises(ValueError):
         engine.depth_runs([], 0, 0)
 
 
-@pytest.mark.parametrize("name", reference_bug("_pyengine accepts a negative size"))
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 def test_a_negative_map_size_is_a_bad_argument(name, data_fd):
     engine = ENGINES[name](data_fd, CS, PE)
     with pytest.raises(ValueError):
