@@ -614,6 +614,17 @@ cdef void view_grow(State *st, uint64_t end) noexcept nogil:
         st.view_len = want
 
 
+cdef int st_pread(State *st, unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    """Data-file bytes: copied from the mapping where the file surely holds them, else pread."""
+    if st.view != NULL and off + n <= st.file_size:
+        if cs_guarded_copy(buf, st.view + off, n) == 0:
+            return 0
+        err.kind = E_CORRUPT
+        err.a = <int64_t>off
+        return -1
+    return pread_full(st.fd, buf, n, off, err)
+
+
 cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
     if pwrite_full(st.fd, buf, n, off, err) < 0:
         return -1
@@ -723,12 +734,7 @@ cdef int st_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t n
                 slot = nxt
                 chunk += 1
                 run += cs if n - pos - run > cs else n - pos - run
-            if st.view != NULL and foff + run <= st.file_size:
-                if cs_guarded_copy(buf + pos, st.view + foff, run) < 0:
-                    err.kind = E_CORRUPT
-                    err.a = <int64_t>foff
-                    return -1
-            elif pread_full(st.fd, buf + pos, run, foff, err) < 0:
+            if st_pread(st, buf + pos, run, foff, err) < 0:
                 return -1
         pos += run
     return 0
@@ -805,7 +811,7 @@ cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const u
             src = piece
         else:
             if old:
-                if pread_full(st.fd, st.scratch, cs, (old - 1) * cs, err) < 0:
+                if st_pread(st, st.scratch, cs, (old - 1) * cs, err) < 0:
                     return -1
             else:
                 memset(st.scratch, 0, cs)
@@ -1721,7 +1727,7 @@ cdef class Engine:
                             if reserve_dirty_pages(st, 1):
                                 err.kind = E_NOMEM
                                 break
-                            if pread_full(st.fd, st.scratch, st.cs, (<uint64_t>e[j] - 1) * st.cs, &err) < 0:
+                            if st_pread(st, st.scratch, st.cs, (<uint64_t>e[j] - 1) * st.cs, &err) < 0:
                                 break
                             s[j] = chunk_crc(st.scratch, st.cs)
                             mark_page(st, p)
