@@ -251,7 +251,9 @@ class Engine:
         with self._lock:
             m = self._map(map_id)
             self._check_range(m, offset, len(mv))
-            for pos, chunk, within, length in self._pieces(offset, len(mv)):
+            pieces = list(self._pieces(offset, len(mv)))
+            self._reserve(sum(self._needs_slot(m, c, mv[p : p + n]) for p, c, _, n in pieces))
+            for pos, chunk, within, length in pieces:
                 self._write_chunk(m, chunk, within, mv[pos : pos + length])
 
     def zero(self, map_id: int, offset: int, length: int) -> None:
@@ -259,6 +261,14 @@ class Engine:
         with self._lock:
             m = self._map(map_id)
             self._check_range(m, offset, length)
+            zeros = memoryview(self._zeros)
+            self._reserve(
+                sum(
+                    self._needs_slot(m, c, zeros[:n])
+                    for _, c, _, n in self._pieces(offset, length)
+                    if n < self._cs
+                )
+            )
             for _, chunk, within, n in self._pieces(offset, length):
                 if n == self._cs:
                     if self._entry(m, chunk):
@@ -479,6 +489,20 @@ class Engine:
         self._refs[slot] -= 1
         if self._refs[slot] == 0:
             self._pending.append(slot)
+
+    def _needs_slot(self, m: _Map, chunk: int, piece: memoryview) -> bool:
+        """Whether writing `piece` into `chunk` takes a new slot (the rules of `_write_chunk`)."""
+        old = self._entry(m, chunk)
+        zero = piece.tobytes().count(0) == len(piece)
+        if zero and (old == 0 or len(piece) == self._cs):
+            return False
+        page = m.pages[chunk // self._pe]
+        return not (old and self._refs[old] == 1 and page.refs == 1)
+
+    def _reserve(self, slots: int) -> None:
+        """Refuse, before changing anything, a write that needs more new slots than the pool has."""
+        if slots > len(self._free) + max(0, self._max_slots - self._nslots):
+            raise NoSpace(f"the pool is full: {self._nslots} chunks of {self._cs} bytes in use")
 
     def _alloc(self) -> int:
         if self._free:

@@ -19,14 +19,13 @@ file shrank under the store's lock, or the disk failed) raises Corruption; bytes
 the end of the file inside its last page read as zeros, which only an outside truncation
 while the store is open can cause.
 
-Differences from the reference are deliberate and only where the reference corrupts its
-state or raises an unrelated error: a write or zero that would hit `NoSpace` changes
-nothing; `load_*` after `finish_load`, a second `finish_load`, and slot-refcount changes
-(write, zero, drop_map) between `load_*` and `finish_load` raise ValueError; a failed
-`load_map` or `finish_load` changes nothing; `release` refuses slots that are not freed
-slots of the pool; negative sizes, ids beyond int64 and an empty chain raise ValueError;
-entries beyond a shorter map's end compare as unallocated in depth_runs and
-exclusive_chunks; a read into read-only memory raises TypeError.
+Both engines refuse, before changing anything, a write that would hit `NoSpace`, loading
+after `finish_load`, a `release` of slots that are not freed slots of the pool, negative
+sizes and an empty chain. This one is stricter still where the reference only fails
+later: slot-refcount changes (write, zero, drop_map) between `load_*` and `finish_load`
+and ids beyond int64 raise ValueError; entries beyond a shorter map's end compare as
+unallocated in depth_runs and exclusive_chunks; a read into read-only memory raises
+TypeError.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer

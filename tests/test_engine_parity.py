@@ -41,14 +41,6 @@ ENGINE_PARAMS = [
 ]
 
 
-def reference_bug(reason: str) -> list:
-    """Engine params for a test of behaviour the reference engine gets wrong."""
-    return [
-        pytest.param("python", id="python", marks=pytest.mark.xfail(strict=True, reason=reason)),
-        pytest.param("cython", id="cython", marks=needs_c),
-    ]
-
-
 @pytest.fixture
 def data_fd():
     fd = os.memfd_create("cowstore-test-data")
@@ -518,9 +510,7 @@ def test_no_space_raises_and_leaves_the_engine_unchanged(engine):
     engine.write(1, b"x", 2 * CS)
 
 
-@pytest.mark.parametrize(
-    "name", reference_bug("_pyengine writes the chunks before the one that hits NoSpace")
-)
+@pytest.mark.parametrize("name", ENGINE_PARAMS)
 def test_no_space_in_a_multi_chunk_write_changes_nothing(name, data_fd):
     engine = ENGINES[name](data_fd, CS, PE)
     engine.create_map(1, 4)
