@@ -10,20 +10,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import AlreadyExists, Error, InvalidArgument
+from .errors import Error, InvalidArgument
 from .store import Store
-from .types import Extent, Kind
+from .types import Extent
 from .volume import Volume
 
 Progress = Callable[[int], None]
 """Told how many more bytes of the image were dealt with (copied, zeroed or skipped)."""
 
-TEMPORARY_LABEL = "cowstore.cli/temporary"
 WINDOW_CHUNKS = 4096
 
 
@@ -43,30 +41,9 @@ def _ignore(_: int) -> None:
 
 @contextlib.contextmanager
 def snapshot_volume(store: Store, key: str) -> Iterator[Volume]:
-    """A volume on any snapshot, to read it.
-
-    Committed snapshots cannot be mounted, so they are read through a temporary view,
-    labelled `TEMPORARY_LABEL` and removed on the way out.
-    """
-    info = store.stat(key)
-    if info.kind is not Kind.COMMITTED:
-        with store.mounts(key) as vol:
-            yield vol
-        return
-    for _ in range(8):
-        tmp = f".cowstore-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            vol = store.view(tmp, key, labels={TEMPORARY_LABEL: key})
-        except AlreadyExists:
-            continue
-        break
-    else:
-        raise AlreadyExists("could not find a free key for a temporary view")
-    try:
-        with vol:
-            yield vol
-    finally:
-        store.remove(tmp)
+    """A read-only volume on any snapshot, committed ones too."""
+    with store.reader(key) as vol:
+        yield vol
 
 
 def extents(block_status: Callable[[int, int], list[Extent]], size: int, chunk_size: int) -> Iterator[Extent]:

@@ -408,6 +408,13 @@ class Store:
             cs = self.chunk_size
             return [(first * cs, count * cs) for first, count in self._engine.diff_runs(sa.id, sb.id)]
 
+    def reader(self, key: str) -> Volume:
+        """A read-only handle on a snapshot of any kind, committed ones too; it writes no metadata."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            return Volume(self, self._get(key), readonly=True)
+
     def walk(self, *filters: str) -> Iterator[Info]:
         """Every snapshot matching any filter (containerd syntax), in key order."""
         match = compile_filters(filters)

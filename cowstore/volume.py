@@ -22,14 +22,14 @@ class Volume:
 
     __slots__ = ("_engine", "_id", "_snapshot", "_store", "closed", "key", "readonly", "size")
 
-    def __init__(self, store: Store, snapshot: _Snapshot) -> None:
+    def __init__(self, store: Store, snapshot: _Snapshot, *, readonly: bool = False) -> None:
         self._store = store
         self._snapshot = snapshot
         self._engine = store._engine
         self._id = snapshot.id
         self.key: str = snapshot.key
         self.size: int = snapshot.size
-        self.readonly: bool = snapshot.kind is Kind.VIEW
+        self.readonly: bool = readonly or snapshot.kind is not Kind.ACTIVE
         self.closed = False
 
     def __repr__(self) -> str:
@@ -51,7 +51,7 @@ class Volume:
     def _check_writable(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if self.readonly:
-            raise ReadOnly(f"snapshot {self.key!r} is a view: it cannot be written")
+            raise ReadOnly(f"snapshot {self.key!r} is read-only here: it cannot be written")
 
     def _gone(self) -> NotFound:
         return NotFound(f"snapshot {self.key!r} was committed or removed")

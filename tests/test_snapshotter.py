@@ -336,3 +336,23 @@ def test_size_with_a_parent_is_rejected(store):
     store.commit("c", "a")
     with pytest.raises(errors.InvalidArgument):
         store.prepare("b", "c", size=CHUNK)
+
+
+def test_reader_reads_any_kind_read_only_and_writes_no_metadata(store):
+    store.prepare("a").pwrite(b"image", 0)
+    store.commit("img", "a")
+    before = list(store.walk())
+    reader = store.reader("img")
+    assert reader.readonly and reader.pread(5, 0) == b"image"
+    assert [(e.depth, e.allocated) for e in reader.block_status(0, CHUNK)] == [(1, True)]
+    with pytest.raises(errors.ReadOnly):
+        reader.pwrite(b"x", 0)
+    assert list(store.walk()) == before
+    child = store.prepare("c", "img")
+    assert store.reader("c").readonly and not child.readonly
+    store.remove("c")
+    store.remove("img")
+    with pytest.raises(errors.NotFound):
+        reader.pread(1, 0)
+    with pytest.raises(errors.NotFound):
+        store.reader("img")
