@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from types import ModuleType
 
 from . import _pyengine
 
-ENGINES: dict[str, type] = {"python": _pyengine.Engine}
+ENGINES: dict[str, ModuleType] = {"python": _pyengine}
 
 try:
     _cengine = importlib.import_module("cowstore._cengine")
@@ -17,7 +18,7 @@ except ImportError as exc:
         raise ImportError(f"COWSTORE_REQUIRE_EXTENSION is set but the extension is missing: {exc}") from exc
     _missing: ImportError | None = exc
 else:
-    ENGINES["cython"] = _cengine.Engine
+    ENGINES["cython"] = _cengine
     _missing = None
 
 if os.environ.get("COWSTORE_PURE_PYTHON"):
@@ -33,8 +34,8 @@ else:
     DEFAULT = "cython"
 
 
-def engine_class(name: str | None) -> type:
-    """The engine class called `name` ("cython" or "python"); None means the default."""
+def engine_module(name: str | None) -> ModuleType:
+    """The engine module called `name` ("cython" or "python"); None means the default."""
     from .errors import InvalidArgument
 
     name = DEFAULT if name is None else name

@@ -28,7 +28,7 @@ from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from .errors import Corruption, NoSpace
+from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 MAX_SLOT = 0xFFFFFFFF
 
@@ -108,6 +108,7 @@ class Engine:
         self._dirty_maps: set[int] = set()
         self._dead_pages: list[int] = []
         self._finished = False
+        self._closed = False
 
     @property
     def chunk_size(self) -> int:
@@ -229,7 +230,7 @@ class Engine:
         """Fill `buffer` (any writable buffer) with the map's bytes from `offset`."""
         mv = memoryview(buffer).cast("B")
         with self._lock:
-            m = self._map(map_id)
+            m = self._io_map(map_id)
             self._check_range(m, offset, len(mv))
             for pos, chunk, within, length in self._pieces(offset, len(mv)):
                 slot = self._entry(m, chunk)
@@ -249,7 +250,7 @@ class Engine:
         """Write `data` (any buffer) at `offset`, copying shared pages and chunks first."""
         mv = memoryview(data).cast("B")
         with self._lock:
-            m = self._map(map_id)
+            m = self._io_map(map_id)
             self._check_range(m, offset, len(mv))
             pieces = list(self._pieces(offset, len(mv)))
             self._reserve(sum(self._needs_slot(m, c, mv[p : p + n]) for p, c, _, n in pieces))
@@ -259,7 +260,7 @@ class Engine:
     def zero(self, map_id: int, offset: int, length: int) -> None:
         """Make a range read as zeros; whole chunks become unallocated."""
         with self._lock:
-            m = self._map(map_id)
+            m = self._io_map(map_id)
             self._check_range(m, offset, length)
             zeros = memoryview(self._zeros)
             self._reserve(
@@ -283,7 +284,7 @@ class Engine:
     def seal(self, map_id: int) -> int:
         """Compute the missing chunk sums of a map (at commit); returns how many it computed."""
         with self._lock:
-            m = self._map(map_id)
+            m = self._io_map(map_id)
             buf = bytearray(self._cs)
             count = 0
             for page in m.pages:
@@ -296,6 +297,11 @@ class Engine:
                         self._dirty_pages[page.id] = page
                         count += 1
             return count
+
+    def close(self) -> None:
+        """End I/O: later reads, writes and seals raise Closed. Idempotent."""
+        with self._lock:
+            self._closed = True
 
     def flush_data(self) -> None:
         os.fsync(self._fd)
@@ -420,6 +426,11 @@ class Engine:
 
     def _npages(self, nchunks: int) -> int:
         return -(-nchunks // self._pe)
+
+    def _io_map(self, map_id: int) -> _Map:
+        if self._closed:
+            raise Closed("the store is closed")
+        return self._map(map_id)
 
     def _map(self, map_id: int) -> _Map:
         try:
@@ -573,3 +584,124 @@ class Engine:
         got = os.preadv(self._fd, [piece], offset)
         if got != len(piece):
             raise Corruption(f"short read at data offset {offset}: the data file is truncated")
+
+
+MAX_IO = 1 << 30
+
+
+class VolumeBase:
+    """The hot half of `cowstore.Volume`: argument checks and I/O on one map.
+
+    `cowstore.volume.Volume` adds the rest (flush, extents, a file object) and `_reclaim`,
+    which makes room when the pool is full so that a write retries once.
+    """
+
+    __slots__ = ("_closed", "_engine", "_key", "_map_id", "_readonly", "_size")
+
+    def _attach(self, engine: Engine, map_id: int, key: str, size: int, readonly: bool) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError(f"expected an Engine, not {type(engine).__name__}")
+        self._engine = engine
+        self._map_id = map_id
+        self._key = key
+        self._size = size
+        self._readonly = bool(readonly)
+        self._closed = False
+
+    @property
+    def key(self) -> str:
+        return self._key
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _reclaim(self) -> bool:
+        return False
+
+    def _check_range(self, offset: int, length: int, max_length: int = MAX_IO) -> None:
+        """The checks every call makes, for the methods that live in Python."""
+        if self._closed:
+            raise Closed(f"volume {self._key!r} is closed")
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise InvalidArgument("offset and length must be ints")
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise InvalidArgument(f"range {offset}+{length} is outside the volume of {self._size} bytes")
+        if length > max_length:
+            raise InvalidArgument(f"length {length} is over the maximum of {max_length} bytes per call")
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise ReadOnly(f"snapshot {self._key!r} is read-only here: it cannot be written")
+
+    def _gone(self) -> NotFound:
+        return NotFound(f"snapshot {self._key!r} was committed or removed")
+
+    def _read(self, buffer: memoryview, offset: int) -> None:
+        try:
+            self._engine.read(self._map_id, buffer, offset)
+        except KeyError:
+            raise self._gone() from None
+        except Corruption as exc:
+            where = f"snapshot {self._key!r}, read of {len(buffer)} bytes at offset {offset}"
+            raise Corruption(f"{where}: {exc}") from None
+
+    def _write(self, call, *args) -> None:
+        try:
+            try:
+                call(self._map_id, *args)
+            except NoSpace:
+                if not self._reclaim():
+                    raise
+                call(self._map_id, *args)
+        except KeyError:
+            raise self._gone() from None
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """`length` bytes from `offset`."""
+        self._check_range(offset, length)
+        buf = bytearray(length)
+        self._read(memoryview(buf), offset)
+        return bytes(buf)
+
+    def preadinto(self, buffer, offset: int) -> int:
+        """Fill `buffer` (any writable buffer) from `offset`; returns its length in bytes."""
+        try:
+            view = memoryview(buffer)
+        except TypeError:
+            raise InvalidArgument(f"preadinto needs a writable buffer, not {type(buffer).__name__}") from None
+        if view.readonly:
+            raise InvalidArgument("preadinto needs a writable buffer")
+        view = view.cast("B")
+        self._check_range(offset, view.nbytes)
+        self._read(view, offset)
+        return view.nbytes
+
+    def pwrite(self, data, offset: int) -> int:
+        """Write `data` (any buffer) at `offset`; returns its length in bytes."""
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
+        view = view.cast("B")
+        self._check_range(offset, view.nbytes)
+        self._check_writable()
+        self._write(self._engine.write, view, offset)
+        return view.nbytes
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros without allocating space for them."""
+        self._check_range(offset, length)
+        self._check_writable()
+        self._write(self._engine.zero, offset, length)

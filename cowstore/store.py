@@ -28,7 +28,7 @@ from .errors import (
 )
 from .filters import compile_filters
 from .types import Extent, Info, Kind, Stats, Usage
-from .volume import Volume
+from .volume import Volume, volume_class
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_CHUNK_SIZE = 64 * KiB
@@ -183,10 +183,12 @@ class Store:
         self._broken: BaseException | None = None
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
-        self._engine = _backend.engine_class(engine)(data_fd, self.chunk_size, settings["page_entries"])
+        module = _backend.engine_module(engine)
+        self._engine = module.Engine(data_fd, self.chunk_size, settings["page_entries"])
+        self._volume = volume_class(module)
         self._engine.set_verify(verify_reads)
         self.verify_reads: bool = bool(verify_reads)
-        self.engine: str = "cython" if type(self._engine).__module__.endswith("_cengine") else "python"
+        self.engine: str = "cython" if module.__name__.endswith("_cengine") else "python"
         self._snapshots: dict[str, _Snapshot] = {}
         self._children: dict[int, int] = {}
         self._next_id = 1
@@ -276,7 +278,7 @@ class Store:
             if base is not None:
                 self._children[base.id] = self._children.get(base.id, 0) + 1
             self._persist(lambda db: metadata.insert_snapshot(db, s.row()))
-            return Volume(self, s)
+            return self._volume(self, s)
 
     def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
         """Turn the active snapshot `key` into the committed snapshot `name`; `key` is gone."""
@@ -378,7 +380,7 @@ class Store:
                 raise FailedPrecondition(
                     f"snapshot {key!r} is committed: prepare or view a child to mount it"
                 )
-            return Volume(self, s)
+            return self._volume(self, s)
 
     def map(self, key: str, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Extents of any snapshot, committed ones too, like `qemu-img map`."""
@@ -413,7 +415,7 @@ class Store:
         _check_key(key)
         with self._lock:
             self._check_open()
-            return Volume(self, self._get(key), readonly=True)
+            return self._volume(self, self._get(key), readonly=True)
 
     def walk(self, *filters: str) -> Iterator[Info]:
         """Every snapshot matching any filter (containerd syntax), in key order."""
@@ -537,6 +539,7 @@ class Store:
                         self.compact()
             finally:
                 self._closed = True
+                self._engine.close()
                 self._meta.close()
                 os.close(self._data_fd)
                 if self._lock_fd is not None:

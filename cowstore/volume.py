@@ -3,147 +3,111 @@
 from __future__ import annotations
 
 import io
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
+from .errors import InvalidArgument, NotFound
 from .types import Extent, Kind
 
 if TYPE_CHECKING:
-    from .store import Store, _Snapshot
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
-MAX_IO = 1 << 30
+    from .store import Store, _Snapshot
 
 
 class Volume:
     """A handle to an active (read-write) or view (read-only) snapshot.
 
-    Offsets and lengths are bytes and need not be aligned. Thread-safe.
+    Offsets and lengths are bytes and need not be aligned. Thread-safe. The hot methods
+    (`pread`, `preadinto`, `pwrite`, `write_zeroes`, `close`) and the attributes `key`,
+    `size`, `readonly` and `closed` come from the engine's `VolumeBase`, so that with the
+    Cython engine a call goes straight to C; this class holds the rest. Each engine has
+    its own subclass (`volume_class`); both are instances of this one.
     """
 
-    __slots__ = ("_engine", "_id", "_snapshot", "_store", "closed", "key", "readonly", "size")
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        key: str
+        size: int
+        readonly: bool
+        closed: bool
+
+        def _attach(self, engine: object, map_id: int, key: str, size: int, readonly: bool) -> None: ...
+        def _check_range(self, offset: int, length: int, max_length: int = ...) -> None: ...
+        def pread(self, length: int, offset: int) -> bytes: ...
+        def preadinto(self, buffer: WriteableBuffer, offset: int) -> int: ...
+        def pwrite(self, data: ReadableBuffer, offset: int) -> int: ...
+        def write_zeroes(self, offset: int, length: int) -> None: ...
+        def close(self) -> None: ...
+
+    _store: Store
+    _snapshot: _Snapshot
 
     def __init__(self, store: Store, snapshot: _Snapshot, *, readonly: bool = False) -> None:
         self._store = store
         self._snapshot = snapshot
-        self._engine = store._engine
-        self._id = snapshot.id
-        self.key: str = snapshot.key
-        self.size: int = snapshot.size
-        self.readonly: bool = readonly or snapshot.kind is not Kind.ACTIVE
-        self.closed = False
+        readonly = readonly or snapshot.kind is not Kind.ACTIVE
+        self._attach(store._engine, snapshot.id, snapshot.key, snapshot.size, readonly)
 
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
         return f"<cowstore.Volume {self.key!r} size={self.size} {mode}>"
 
-    def _check(self, offset: int, length: int, max_length: int = MAX_IO) -> None:
-        if self.closed:
-            raise Closed(f"volume {self.key!r} is closed")
+    def _reclaim(self) -> bool:
+        """Make pending frees durable when the pool is full, so the write retries once."""
+        return self._store._reclaim()
+
+    def _check(self, offset: int, length: int, max_length: int) -> None:
+        self._check_range(offset, length, max_length)
         if self._snapshot.dead:
             raise NotFound(f"snapshot {self.key!r} was committed or removed")
-        if not isinstance(offset, int) or not isinstance(length, int):
-            raise InvalidArgument("offset and length must be ints")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise InvalidArgument(f"range {offset}+{length} is outside the volume of {self.size} bytes")
-        if length > max_length:
-            raise InvalidArgument(f"length {length} is over the maximum of {max_length} bytes per call")
-
-    def _check_writable(self, offset: int, length: int) -> None:
-        self._check(offset, length)
-        if self.readonly:
-            raise ReadOnly(f"snapshot {self.key!r} is read-only here: it cannot be written")
-
-    def _gone(self) -> NotFound:
-        return NotFound(f"snapshot {self.key!r} was committed or removed")
-
-    def _damaged(self, exc: Corruption, offset: int, length: int) -> Corruption:
-        return Corruption(f"snapshot {self.key!r}, read of {length} bytes at offset {offset}: {exc}")
-
-    def pread(self, length: int, offset: int) -> bytes:
-        """`length` bytes from `offset`."""
-        self._check(offset, length)
-        try:
-            return self._engine.pread(self._id, length, offset)
-        except KeyError:
-            raise self._gone() from None
-        except Corruption as exc:
-            raise self._damaged(exc, offset, length) from exc
-
-    def preadinto(self, buffer, offset: int) -> int:
-        """Fill `buffer` (any writable buffer) from `offset`; returns its length in bytes."""
-        try:
-            view = memoryview(buffer)
-        except TypeError:
-            raise InvalidArgument(f"preadinto needs a writable buffer, not {type(buffer).__name__}") from None
-        if view.readonly:
-            raise InvalidArgument("preadinto needs a writable buffer")
-        self._check(offset, view.nbytes)
-        try:
-            self._engine.read(self._id, view, offset)
-        except KeyError:
-            raise self._gone() from None
-        except Corruption as exc:
-            raise self._damaged(exc, offset, view.nbytes) from exc
-        return view.nbytes
-
-    def pwrite(self, data, offset: int) -> int:
-        """Write `data` (any buffer) at `offset`; returns its length in bytes."""
-        try:
-            view = memoryview(data)
-        except TypeError:
-            raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
-        self._check_writable(offset, view.nbytes)
-        self._retry_on_full(self._engine.write, view, offset)
-        return view.nbytes
 
     def discard(self, offset: int, length: int) -> None:
         """Drop a range: it reads as zeros and whole chunks in it stop using space."""
         self.write_zeroes(offset, length)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Make a range read as zeros without allocating space for them."""
-        self._check_writable(offset, length)
-        self._retry_on_full(self._engine.zero, offset, length)
-
-    def _retry_on_full(self, call, *args) -> None:
-        """Run an engine write; when the pool is full, make pending frees durable and retry once."""
-        try:
-            try:
-                call(self._id, *args)
-            except NoSpace:
-                if not self._store._reclaim():
-                    raise
-                call(self._id, *args)
-        except KeyError:
-            raise self._gone() from None
-
     def flush(self) -> None:
         """Make every write before this call durable (flushes the whole store)."""
-        self._check(0, 0)
+        self._check(0, 0, 0)
         self._store.flush()
 
     def block_status(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Extents of the range with allocation, zero and depth (0 none, 1 this snapshot, …)."""
         if length is None:
             length = self.size - offset if isinstance(offset, int) else 0
-        self._check(offset, length, max_length=self.size)
+        self._check(offset, length, self.size)
         try:
             return self._store._extents(self._snapshot, offset, length)
         except KeyError:
-            raise self._gone() from None
+            raise NotFound(f"snapshot {self.key!r} was committed or removed") from None
 
     def file(self) -> VolumeFile:
         """A seekable file object over the volume."""
         return VolumeFile(self)
-
-    def close(self) -> None:
-        self.closed = True
 
     def __enter__(self) -> Volume:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_classes: dict[ModuleType, type[Volume]] = {}
+
+
+def volume_class(engine_module: ModuleType) -> type[Volume]:
+    """The `Volume` subclass whose hot half is `engine_module.VolumeBase`."""
+    cls = _classes.get(engine_module)
+    if cls is None:
+        cls = type(
+            "Volume",
+            (Volume, engine_module.VolumeBase),
+            {"__slots__": ("_store", "_snapshot"), "__module__": __name__, "__doc__": Volume.__doc__},
+        )
+        cls.__qualname__ = f"Volume[{engine_module.__name__.rpartition('.')[2]}]"
+        _classes[engine_module] = cls
+    return cls
 
 
 class VolumeFile(io.RawIOBase):

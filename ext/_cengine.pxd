@@ -21,6 +21,8 @@ cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
     int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
     int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_unlock(pthread_rwlock_t *lock)
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
     pthread_t pthread_self()
@@ -108,7 +110,8 @@ cdef struct DiffRuns:
 
 cdef struct State:
     int fd
-    const unsigned char *view   # the data file mapped read-only (NULL: read with pread)
+    unsigned char *view     # the data file mapped shared (NULL: read with pread)
+    bint view_writable      # the mapping is writable: in-place overwrites copy into it
     uint64_t view_len       # bytes of address space mapped
     uint64_t file_size      # bytes known to be in the data file: a mapped read below it cannot fault
     uint64_t cs             # chunk size (a power of two)
@@ -136,3 +139,4 @@ cdef struct State:
     bint loading            # load_page/load_map called, finish_load not yet
     bint running            # finish_load called, or slot refcounts touched
     bint verify             # reads check the sums of chunks that have one
+    bint closed             # close() ran: no more I/O, the mapping is gone

@@ -13,11 +13,15 @@ released; everything that changes metadata takes it exclusive, also with the GIL
 released. The lock is only ever waited for without the GIL. Data I/O (pread, pwrite,
 fsync, ftruncate) always runs without the GIL.
 
-Reads copy from a read-only shared mapping of the data file (no system call per read);
-writes stay pwrite, so a full disk is an error, not a fault. A read that faults (the
-file shrank under the store's lock, or the disk failed) raises Corruption; bytes past
-the end of the file inside its last page read as zeros, which only an outside truncation
-while the store is open can cause.
+Reads copy from a shared mapping of the data file (no system call per read), and so do
+overwrites inside chunks that were written whole (their blocks exist, so a full disk
+cannot fault there). Every write that allocates, a new chunk or a copy on write, stays
+pwrite, so a full disk is an error, not a fault. A copy that faults (the file shrank
+under the store's lock, or the disk failed) raises Corruption on a read and EIO on a
+write; bytes past the end of the file inside its last page read as zeros, which only an
+outside truncation while the store is open can cause. Small I/O through the mapping keeps
+the GIL when the lock is free at once: releasing and taking it back costs more than a
+copy of a few pages.
 
 Both engines refuse, before changing anything, a write that would hit `NoSpace`, loading
 after `finish_load`, a `release` of slots that are not freed slots of the pool, negative
@@ -36,7 +40,7 @@ from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
@@ -59,6 +63,8 @@ from _cengine cimport (
     pthread_rwlock_destroy,
     pthread_rwlock_rdlock,
     pthread_rwlock_t,
+    pthread_rwlock_tryrdlock,
+    pthread_rwlock_trywrlock,
     pthread_rwlock_unlock,
     pthread_rwlock_wrlock,
     pthread_self,
@@ -68,7 +74,7 @@ from _cengine cimport (
 from os import strerror as _strerror
 
 from cowstore._pyengine import MAX_SLOT, Changes, chunk_sum
-from cowstore.errors import Corruption, NoSpace
+from cowstore.errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 
 cdef extern from *:
@@ -233,12 +239,14 @@ cdef enum:
     E_BAD_SLOT      # a: slot
     E_REFS          # a refcount would overflow uint32
     E_CHECKSUM      # a: chunk, b: slot
+    E_CLOSED
 
 # Largest accepted sizes: chunk offsets ((slot - 1) * chunk_size) stay far below 2**63.
 cdef uint64_t MAX_CHUNK_SIZE = 1 << 30
 cdef uint64_t MAX_PAGE_ENTRIES = 1 << 26
 cdef uint32_t DIRTY_LIMIT = 0xFFFFFFF0u
 cdef size_t IO_MAX = 1 << 30
+cdef uint64_t SMALL_IO = 64 << 10   # at most this much I/O through the mapping keeps the GIL
 
 
 # -- small C containers --------------------------------------------------------
@@ -589,28 +597,36 @@ cdef uint64_t VIEW_MIN = <uint64_t>1 << 36
 
 
 cdef void view_grow(State *st, uint64_t end) noexcept nogil:
-    """Note that the data file holds `end` bytes, and map it so reads below are a memcpy.
+    """Note that the data file holds `end` bytes, and map it so I/O below is a memcpy.
 
     The mapping reserves address space well past the file (64 GiB, then doubling), so it is
-    redone rarely, and only under the exclusive lock, while no read is copying from it. If
-    mmap fails, reads keep using pread.
+    redone rarely, and only under the exclusive lock, while no I/O is copying through it. It
+    is writable when the file is; if mmap fails, I/O keeps using pread and pwrite.
     """
     cdef uint64_t want = VIEW_MIN
     cdef void *p
     if end > st.file_size:
         st.file_size = end
-    if st.file_size <= st.view_len or cs_bus_guard_install() != 0:
+    if st.closed or st.file_size <= st.view_len or cs_bus_guard_install() != 0:
         return
     while want < st.file_size:
         want *= 2
+    view_drop(st)
+    p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED, st.fd, 0)
+    st.view_writable = p != MAP_FAILED
+    if p == MAP_FAILED:
+        p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
+    if p != MAP_FAILED:
+        st.view = <unsigned char *>p
+        st.view_len = want
+
+
+cdef void view_drop(State *st) noexcept nogil:
     if st.view != NULL:
         munmap(<void *>st.view, st.view_len)
         st.view = NULL
         st.view_len = 0
-    p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
-    if p != MAP_FAILED:
-        st.view = <const unsigned char *>p
-        st.view_len = want
+        st.view_writable = 0
 
 
 cdef int st_pread(State *st, unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -629,6 +645,23 @@ cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off
         return -1
     view_grow(st, off + n)
     return 0
+
+
+cdef inline bint can_overwrite(State *st, uint64_t n, uint64_t off) noexcept nogil:
+    return st.view_writable and off + n <= st.file_size
+
+
+cdef int st_overwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    """Overwrite bytes of a chunk already written whole (its blocks are allocated, so no
+    fault can mean a full disk): a copy into the mapping where there is one, else pwrite.
+    A copy that faults (a failing disk) is EIO, as pwrite would report it."""
+    if can_overwrite(st, n, off):
+        if cs_guarded_copy(st.view + off, buf, n) == 0:
+            return 0
+        err.kind = E_OS
+        err.errnum = EIO
+        return -1
+    return st_pwrite(st, buf, n, off, err)
 
 
 cdef int pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -772,7 +805,7 @@ cdef int write_in_place(State *st, Page *page, uint64_t i, const unsigned char *
     if piece == NULL:
         memset(st.scratch, 0, n)
         piece = st.scratch
-    return st_pwrite(st, piece, n, off, err)
+    return st_overwrite(st, piece, n, off, err)
 
 
 cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const unsigned char *piece,
@@ -882,6 +915,71 @@ cdef int st_write(State *st, Map *m, const unsigned char *data, uint64_t off, ui
             return -1
         pos += piece
     return 0
+
+
+cdef Map *io_map(State *st, int64_t key, bint fits, int64_t off, int64_t n, Err *err) noexcept nogil:
+    """The map an I/O call works on, once the engine is open and the range is inside it."""
+    cdef Map *m
+    if st.closed:
+        err.kind = E_CLOSED
+        return NULL
+    m = <Map *>ht_get(&st.maps, key)
+    if m == NULL:
+        err.kind = E_KEY
+    elif not range_ok(st, m, fits, off, n):
+        err.kind = E_RANGE
+        m = NULL
+    return m
+
+
+cdef void read_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n, unsigned char *buf,
+                      Err *err, unsigned char **tmp) noexcept nogil:
+    cdef Map *m = io_map(st, key, fits, off, n, err)
+    if m != NULL and n and buf != NULL:
+        st_read(st, m, buf, <uint64_t>off, <uint64_t>n, err, tmp)
+
+
+cdef void write_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                       Err *err) noexcept nogil:
+    cdef Map *m = io_map(st, key, fits, off, n, err)
+    if m == NULL:
+        return
+    if st.loading:
+        err.kind = E_LOADING
+    else:
+        st_write(st, m, data, <uint64_t>off, <uint64_t>n, err)
+
+
+cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                          Err *err) noexcept nogil:
+    """1 when the write was done (or failed) as an overwrite in place through the mapping;
+    0, with nothing changed, when it needs the general path (it allocates, copies, crosses
+    a chunk, clears a sum or the mapping does not reach it)."""
+    cdef Map *m = io_map(st, key, fits, off, n, err)
+    cdef uint64_t chunk, within
+    cdef Page *page
+    cdef uint32_t slot
+    if m == NULL:
+        return 1
+    if st.loading or n == 0:
+        return 0
+    chunk = <uint64_t>off >> st.cs_shift
+    within = <uint64_t>off & st.cs_mask
+    if within + <uint64_t>n > st.cs:
+        return 0
+    page = m.pages[chunk / st.pe]
+    if page == NULL or page.refs != 1:
+        return 0
+    slot = ents(page)[chunk % st.pe]
+    if slot == 0 or st.refs[slot] != 1 or sums(st, page)[chunk % st.pe]:
+        return 0
+    if not can_overwrite(st, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within):
+        return 0
+    if <uint64_t>n == st.cs and is_zero(data, <uint64_t>n):
+        return 0
+    st.running = 1
+    st_overwrite(st, data, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within, err)
+    return 1
 
 
 # -- introspection ---------------------------------------------------------------------
@@ -1053,6 +1151,8 @@ cdef object _exception(State *st, Err *err, tuple keys):
         return ValueError("loading is only valid before finish_load and before any write")
     if kind == E_REFS:
         return ValueError("a page is shared by too many maps")
+    if kind == E_CLOSED:
+        return Closed("the store is closed")
     return SystemError(f"cowstore._cengine: unexpected error {kind}")
 
 
@@ -1138,8 +1238,7 @@ cdef class Engine:
         free(st.dirty_maps.a)
         free(st.dead.a)
         free(st.scratch)
-        if st.view != NULL:
-            munmap(<void *>st.view, st.view_len)
+        view_drop(st)
         if self.lock_ready:
             pthread_rwlock_destroy(&self.lock)
 
@@ -1604,35 +1703,61 @@ cdef class Engine:
 
     # -- I/O -----------------------------------------------------------------
 
+    cdef void _io_read(self, int64_t key, bint fits, int64_t off, int64_t n, unsigned char *buf,
+                       Err *err) noexcept:
+        """Read into buf, errors in err. Small reads through the mapping keep the GIL when the
+        lock is free (the lock is never waited for with the GIL held)."""
+        cdef State *st = &self.st
+        cdef unsigned char *tmp = NULL
+        if <uint64_t>n <= SMALL_IO and st.view != NULL and not st.verify:
+            if pthread_rwlock_tryrdlock(&self.lock) == 0:
+                read_locked(st, key, fits, off, n, buf, err, &tmp)
+                pthread_rwlock_unlock(&self.lock)
+                free(tmp)
+                return
+        with nogil:
+            pthread_rwlock_rdlock(&self.lock)
+            read_locked(st, key, fits, off, n, buf, err, &tmp)
+            pthread_rwlock_unlock(&self.lock)
+            free(tmp)
+
+    cdef void _io_write(self, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                        Err *err) noexcept:
+        """Write data (NULL: zeros), errors in err. A small overwrite in place through the
+        mapping keeps the GIL when the lock is free; anything else releases it."""
+        cdef State *st = &self.st
+        cdef int done
+        if data != NULL and <uint64_t>n <= SMALL_IO and st.view_writable:
+            if pthread_rwlock_trywrlock(&self.lock) == 0:
+                done = overwrite_locked(st, key, fits, off, n, data, err)
+                pthread_rwlock_unlock(&self.lock)
+                if done:
+                    return
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            write_locked(st, key, fits, off, n, data, err)
+            pthread_rwlock_unlock(&self.lock)
+
     cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
                    bint readonly) except -1:
-        cdef State *st = &self.st
         cdef int64_t key = 0, off = 0
         cdef bint found = _lookup_key(map_id, &key)
         cdef bint fits = _int64(offset, &off)
-        cdef Map *m
         cdef Err err
-        cdef unsigned char *tmp = NULL
         memset(&err, 0, sizeof(Err))
         self._enter()
-        with nogil:
-            pthread_rwlock_rdlock(&self.lock)
-            m = <Map *>ht_get(&st.maps, key) if found else NULL
-            if m == NULL:
-                err.kind = E_KEY
-            elif not range_ok(st, m, fits, off, length):
-                err.kind = E_RANGE
-            elif length and not readonly:
-                st_read(st, m, buf, <uint64_t>off, <uint64_t>length, &err, &tmp)
-            pthread_rwlock_unlock(&self.lock)
-            free(tmp)
+        if not found:
+            err.kind = E_KEY
+        else:
+            # into read-only memory: the checks, then TypeError; nothing is written
+            self._io_read(key, fits, off, length, NULL if readonly else buf, &err)
         if err.kind == E_RANGE:
             raise ValueError(f"range {offset}+{length} is outside the map")
         if err.kind == E_CHECKSUM:
             raise Corruption(f"chunk {err.a} (slot {err.b}) of map {map_id} fails its checksum")
         if err.kind:
-            raise _exception(st, &err, (map_id,))
-        if length and readonly:
+            raise _exception(&self.st, &err, (map_id,))
+        if readonly and length:
             raise TypeError("cannot modify read-only memory")
         return 0
 
@@ -1653,30 +1778,20 @@ cdef class Engine:
             PyBuffer_Release(&view)
 
     cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1:
-        cdef State *st = &self.st
         cdef int64_t key = 0, off = 0, n = 0
         cdef bint found = _lookup_key(map_id, &key)
         cdef bint fits = _int64(offset, &off) & _int64(length, &n)
-        cdef Map *m
         cdef Err err
         memset(&err, 0, sizeof(Err))
         self._enter()
-        with nogil:
-            pthread_rwlock_wrlock(&self.lock)
-            m = <Map *>ht_get(&st.maps, key) if found else NULL
-            if m == NULL:
-                err.kind = E_KEY
-            elif not range_ok(st, m, fits, off, n):
-                err.kind = E_RANGE
-            elif st.loading:
-                err.kind = E_LOADING
-            else:
-                st_write(st, m, data, <uint64_t>off, <uint64_t>n, &err)
-            pthread_rwlock_unlock(&self.lock)
+        if not found:
+            err.kind = E_KEY
+        else:
+            self._io_write(key, fits, off, n, data, &err)
         if err.kind == E_RANGE:
             raise ValueError(f"range {offset}+{length} is outside the map")
         if err.kind:
-            raise _exception(st, &err, (map_id,))
+            raise _exception(&self.st, &err, (map_id,))
         return 0
 
     def write(self, map_id, data, offset):
@@ -1707,9 +1822,9 @@ cdef class Engine:
         self._enter()
         with nogil:
             pthread_rwlock_wrlock(&self.lock)
-            m = <Map *>ht_get(&st.maps, key) if found else NULL
+            m = <Map *>ht_get(&st.maps, key) if found and not st.closed else NULL
             if m == NULL:
-                err.kind = E_KEY
+                err.kind = E_CLOSED if st.closed else E_KEY
             elif st.scratch == NULL:
                 st.scratch = <unsigned char *>malloc(st.cs)
                 if st.scratch == NULL:
@@ -1737,6 +1852,16 @@ cdef class Engine:
         if err.kind:
             raise _exception(st, &err, (map_id,))
         return count
+
+    def close(self):
+        """End I/O: later reads and writes raise Closed, and the mapping goes, so a handle
+        that outlives its store can never write into the data file. Idempotent."""
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            self.st.closed = 1
+            view_drop(&self.st)
+            pthread_rwlock_unlock(&self.lock)
 
     def flush_data(self):
         cdef int fd = self.st.fd, rc
@@ -2053,3 +2178,160 @@ cdef class Engine:
                 raise ValueError(f"slot {items[bad]} is not a freed slot of the pool")
         finally:
             free(slots)
+
+
+# -- volumes ---------------------------------------------------------------------------
+
+cdef int64_t IO_LIMIT = 1 << 30
+MAX_IO = IO_LIMIT
+
+
+cdef class VolumeBase:
+    """The hot half of `cowstore.Volume`: argument checks and I/O on one map, in C.
+
+    `cowstore.volume.Volume` adds the rest (flush, extents, a file object) and `_reclaim`,
+    which makes room when the pool is full so that a write retries once.
+    """
+
+    cdef Engine _engine
+    cdef int64_t _mid
+    cdef object _key
+    cdef int64_t _size
+    cdef bint _readonly
+    cdef bint _closed
+
+    def _attach(self, Engine engine not None, map_id, key, size, bint readonly):
+        self._engine = engine
+        self._mid = _new_key(map_id)
+        self._key = key
+        self._size = size
+        self._readonly = readonly
+
+    @property
+    def key(self):
+        return self._key
+
+    @property
+    def size(self):
+        return self._size
+
+    @property
+    def readonly(self):
+        return self._readonly
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def close(self):
+        self._closed = True
+
+    def _reclaim(self):
+        return False
+
+    cdef int _check(self, object offset, object length, int64_t *off, int64_t *n, int64_t max_length) except -1:
+        if self._closed:
+            raise Closed(f"volume {self._key!r} is closed")
+        if not isinstance(offset, int) or not isinstance(length, int):
+            raise InvalidArgument("offset and length must be ints")
+        if (not (_int64(offset, off) & _int64(length, n)) or off[0] < 0 or n[0] < 0
+                or off[0] > self._size or n[0] > self._size - off[0]):
+            raise InvalidArgument(f"range {offset}+{length} is outside the volume of {self._size} bytes")
+        if n[0] > max_length:
+            raise InvalidArgument(f"length {length} is over the maximum of {max_length} bytes per call")
+        return 0
+
+    def _check_range(self, offset, length, max_length=IO_LIMIT):
+        """The checks every call makes, for the methods that live in Python."""
+        cdef int64_t off, n
+        self._check(offset, length, &off, &n, max_length)
+
+    cdef int _check_writable(self) except -1:
+        if self._readonly:
+            raise ReadOnly(f"snapshot {self._key!r} is read-only here: it cannot be written")
+        return 0
+
+    cdef object _error(self, Err *err, int64_t off, int64_t n):
+        if err.kind == E_KEY:
+            return NotFound(f"snapshot {self._key!r} was committed or removed")
+        if err.kind == E_CHECKSUM:
+            return Corruption(f"snapshot {self._key!r}, read of {n} bytes at offset {off}: chunk {err.a} "
+                              f"(slot {err.b}) of map {self._mid} fails its checksum")
+        if err.kind == E_CORRUPT:
+            return Corruption(f"snapshot {self._key!r}, read of {n} bytes at offset {off}: "
+                              f"{_exception(&self._engine.st, err, ())}")
+        return _exception(&self._engine.st, err, ())
+
+    cdef int _read(self, unsigned char *buf, int64_t off, int64_t n) except -1:
+        cdef Err err
+        memset(&err, 0, sizeof(Err))
+        self._engine._enter()
+        self._engine._io_read(self._mid, True, off, n, buf, &err)
+        if err.kind:
+            raise self._error(&err, off, n)
+        return 0
+
+    cdef int _write(self, const unsigned char *data, int64_t off, int64_t n) except -1:
+        cdef Err err
+        cdef int attempt
+        self._engine._enter()
+        for attempt in range(2):
+            memset(&err, 0, sizeof(Err))
+            self._engine._io_write(self._mid, True, off, n, data, &err)
+            if err.kind != E_NOSPACE or attempt or not self._reclaim():
+                break
+        if err.kind:
+            raise self._error(&err, off, n)
+        return 0
+
+    def pread(self, length, offset):
+        """`length` bytes from `offset`."""
+        cdef int64_t off, n
+        self._check(offset, length, &off, &n, IO_LIMIT)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
+        self._read(<unsigned char *>PyBytes_AS_STRING(out), off, n)
+        return out
+
+    def preadinto(self, buffer, offset):
+        """Fill `buffer` (any writable buffer) from `offset`; returns its length in bytes."""
+        cdef Py_buffer view
+        cdef int64_t off, n
+        if type(buffer) is not bytearray:
+            try:
+                mv = memoryview(buffer)
+            except TypeError:
+                raise InvalidArgument(f"preadinto needs a writable buffer, not {type(buffer).__name__}") from None
+            if mv.readonly:
+                raise InvalidArgument("preadinto needs a writable buffer")
+        _get_buffer(buffer, &view)
+        try:
+            self._check(offset, view.len, &off, &n, IO_LIMIT)
+            self._read(<unsigned char *>view.buf, off, n)
+        finally:
+            PyBuffer_Release(&view)
+        return n
+
+    def pwrite(self, data, offset):
+        """Write `data` (any buffer) at `offset`; returns its length in bytes."""
+        cdef Py_buffer view
+        cdef int64_t off, n
+        if type(data) is not bytes and type(data) is not bytearray:
+            try:
+                memoryview(data)
+            except TypeError:
+                raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
+        _get_buffer(data, &view)
+        try:
+            self._check(offset, view.len, &off, &n, IO_LIMIT)
+            self._check_writable()
+            self._write(<const unsigned char *>view.buf, off, n)
+        finally:
+            PyBuffer_Release(&view)
+        return n
+
+    def write_zeroes(self, offset, length):
+        """Make a range read as zeros without allocating space for them."""
+        cdef int64_t off, n
+        self._check(offset, length, &off, &n, IO_LIMIT)
+        self._check_writable()
+        self._write(NULL, off, n)

@@ -26,6 +26,7 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import cowstore
@@ -263,13 +264,28 @@ class Workload:
             self.store._engine.release_now()
 
 
+def sabotage(store: cowstore.Store, wrapper: Callable[[Any], Any]) -> None:
+    """Put `wrapper(engine)` between the store and its engine; volumes keep doing their
+    I/O on the engine itself (the hot half of a volume needs the real one)."""
+    engine = store._engine
+    store._engine = wrapper(engine)
+
+    class Volume(store._volume):  # type: ignore[name-defined]
+        __slots__ = ()
+
+        def _attach(self, _wrapped: Any, *args: Any) -> None:
+            super()._attach(engine, *args)
+
+    store._volume = Volume
+
+
 def main(argv: list[str]) -> None:
     """Open the store and run the workload until killed."""
     store_path, log_path, seed, engine = argv
     log = Log(log_path)
     store = cowstore.open(store_path, create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine)
     if os.environ.get(BREAK_ENV) == "1":
-        store._engine = EarlyRelease(store._engine)
+        sabotage(store, EarlyRelease)
     workload = Workload(store, log, int(seed))
     log.record("ready", pid=os.getpid(), seed=int(seed), engine=store.engine)
     log.sync()

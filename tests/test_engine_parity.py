@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cowstore import _pyengine
-from cowstore.errors import Corruption, NoSpace
+from cowstore.errors import Closed, Corruption, NoSpace
 
 try:
     from cowstore import _cengine
@@ -129,7 +129,18 @@ def public_api(module) -> set[str]:
 
 @needs_c
 def test_both_modules_export_the_same_public_names():
-    assert public_api(_pyengine) == public_api(_cengine) == {"Changes", "Engine", "MAX_SLOT", "chunk_sum"}
+    assert (
+        public_api(_pyengine)
+        == public_api(_cengine)
+        == {
+            "Changes",
+            "Engine",
+            "MAX_IO",
+            "MAX_SLOT",
+            "VolumeBase",
+            "chunk_sum",
+        }
+    )
     assert _cengine.Changes is _pyengine.Changes
     assert _cengine.chunk_sum is _pyengine.chunk_sum
     assert _cengine.MAX_SLOT == _pyengine.MAX_SLOT == 0xFFFFFFFF
@@ -143,12 +154,15 @@ def test_both_engines_have_the_same_methods_and_parameters():
     def api(cls):
         return {n for n in dir(cls) if not n.startswith("_")}
 
-    assert api(_pyengine.Engine) == api(_cengine.Engine)
-    for name in sorted(api(_pyengine.Engine)):
-        py, c = getattr(_pyengine.Engine, name), getattr(_cengine.Engine, name)
-        if isinstance(py, property):
-            continue
-        assert list(inspect.signature(py).parameters) == list(inspect.signature(c).parameters), name
+    hooks = {"Engine": set(), "VolumeBase": {"_attach", "_check_range", "_reclaim"}}
+    for cls, private in hooks.items():
+        py_cls, c_cls = getattr(_pyengine, cls), getattr(_cengine, cls)
+        assert api(py_cls) == api(c_cls), cls
+        for name in sorted(api(py_cls) | private):
+            py, c = getattr(py_cls, name), getattr(c_cls, name)
+            if isinstance(py, property):
+                continue
+            assert list(inspect.signature(py).parameters) == list(inspect.signature(c).parameters), name
 
 
 def test_properties_and_pread_type(engine):
@@ -811,6 +825,45 @@ def test_io_errors_are_os_errors(engine_class):
             engine.flush_data()
     finally:
         os.close(r)
+
+
+def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, tmp_path):
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        engine = engine_class(fd, CS, PE)
+        engine.create_map(1, 2)
+        engine.write(1, pattern(2 * CS, 1), 0)
+        engine.close()
+        engine.close()
+        for call in (
+            lambda: engine.write(1, b"late", 10),
+            lambda: engine.zero(1, 0, CS),
+            lambda: engine.pread(1, 4, 0),
+            lambda: engine.read(1, bytearray(4), 0),
+            lambda: engine.seal(1),
+        ):
+            with pytest.raises(Closed):
+                call()
+        assert os.pread(fd, 2 * CS, 0) == pattern(2 * CS, 1)
+    finally:
+        os.close(fd)
+
+
+@needs_c
+def test_an_overwrite_through_the_mapping_that_faults_is_eio_not_a_crash(tmp_path):
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        engine = _cengine.Engine(fd, CS, PE)
+        engine.create_map(1, 8)
+        engine.write(1, pattern(8 * CS, 1), 0)
+        engine.write(1, b"in place", 3 * CS + 5)
+        assert os.pread(fd, 8, 3 * CS + 5) == b"in place"  # through the mapping, same file
+        os.ftruncate(fd, 0)
+        with pytest.raises(OSError) as caught:
+            engine.write(1, b"faults", 6 * CS + 7)
+        assert caught.value.errno == errno.EIO
+    finally:
+        os.close(fd)
 
 
 # -- introspection -------------------------------------------------------------------------

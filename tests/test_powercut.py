@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 import cowstore
+from tests import crashload
 from tests.crashload import CHUNK, SIZE, EarlyRelease, Workload
 from tests.powercut_fs import PowerCutMount, mounted, unavailable
 from tests.test_crash import Model, differences, observe, replay
@@ -455,7 +456,7 @@ def power_cut_rounds(
                     if rounds[-1].problems:
                         return rounds
                 if sabotage is not None:
-                    store._engine = sabotage(store._engine)
+                    crashload.sabotage(store, sabotage)
                 start, _ = observe(store)
                 run_until_cut(m, store, r, rng, steps)
             finally:

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+import cowstore
 from cowstore import Extent, errors
 
 from .conftest import CHUNK
@@ -169,6 +170,30 @@ def test_closed_volume_refuses_io(store):
     with pytest.raises(errors.Closed):
         vol.pread(1, 0)
     assert store.mounts("a").pread(1, 0) == b"x"
+
+
+def test_a_volume_that_outlives_its_store_cannot_touch_the_data(engine, tmp_path):
+    path = tmp_path / "s"
+    store = cowstore.open(path, create=True, chunk_size=CHUNK, engine=engine)
+    vol = store.prepare("a", size=4 * CHUNK)
+    vol.pwrite(b"x" * CHUNK, 0)
+    store.close()
+    before = (path / "data").read_bytes()
+    with pytest.raises(errors.Closed):
+        vol.pwrite(b"late", 10)
+    with pytest.raises(errors.Closed):
+        vol.pread(4, 0)
+    assert (path / "data").read_bytes() == before
+    with cowstore.open(path, engine=engine) as again:
+        assert again.mounts("a").pread(CHUNK, 0) == b"x" * CHUNK
+
+
+def test_volumes_of_either_engine_are_volumes(store):
+    vol = store.prepare("a")
+    assert isinstance(vol, cowstore.Volume)
+    assert (vol.key, vol.size, vol.readonly, vol.closed) == ("a", store.default_size, False, False)
+    with pytest.raises(AttributeError):
+        vol.size = 1  # type: ignore[misc]
 
 
 def test_store_map_reports_committed_snapshots_from_their_own_depth(store):
