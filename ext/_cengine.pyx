@@ -8,10 +8,9 @@ of metadata per mapped chunk with the slot refcounts); a map is an array of page
 pointers; maps are found through an int64 hash table; slot refcounts are one uint32
 array. Chunk sums are zlib's CRC-32, computed here in C (slice-by-8).
 
-One rwlock guards the state: reads take it shared and run in parallel with the GIL
-released; everything that changes metadata takes it exclusive, also with the GIL
-released. The lock is only ever waited for without the GIL. Data I/O (pread, pwrite,
-fsync, ftruncate) always runs without the GIL.
+One rwlock guards the state: reads take it shared, everything that changes metadata takes
+it exclusive. The lock is only ever waited for without the GIL (a try-lock may be taken
+with it), and system calls (pread, pwrite, fsync, ftruncate) always run without it.
 
 Reads copy from a shared mapping of the data file (no system call per read), and so do
 overwrites inside chunks that were written whole (their blocks exist, so a full disk

@@ -48,6 +48,14 @@ def data_fd():
     os.close(fd)
 
 
+@pytest.fixture
+def file_fd(tmp_path):
+    """A data file on disk, where a memfd will not do (a mapping of a real file)."""
+    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
 @pytest.fixture(params=ENGINE_PARAMS)
 def engine_class(request) -> type:
     return ENGINES[request.param]
@@ -394,36 +402,32 @@ def random_history(engine, seed: int, steps: int = 300) -> dict[int, bytearray]:
 @pytest.mark.parametrize("writer", ENGINE_PARAMS)
 @pytest.mark.parametrize("loader", ENGINE_PARAMS)
 @pytest.mark.parametrize("seed", range(4))
-def test_changes_written_by_one_engine_load_into_either(writer, loader, seed, tmp_path):
-    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        engine = ENGINES[writer](fd, CS, PE)
-        db = Db()
-        model = random_history(engine, seed)
-        # Commit twice, with more changes in between, so pages are replaced and deleted.
-        db.commit(engine, {i: len(b) // CS for i, b in model.items()})
-        for map_id in list(model)[:1]:
-            engine.drop_map(map_id)
-            del model[map_id]
-            db.maps.pop(map_id)
-        engine.write(sorted(model)[0], pattern(CS, seed), 0)
-        model[sorted(model)[0]][0:CS] = pattern(CS, seed)
-        db.commit(engine, {i: len(b) // CS for i, b in model.items()})
-        engine.flush_data()
+def test_changes_written_by_one_engine_load_into_either(writer, loader, seed, file_fd):
+    engine = ENGINES[writer](file_fd, CS, PE)
+    db = Db()
+    model = random_history(engine, seed)
+    # Commit twice, with more changes in between, so pages are replaced and deleted.
+    db.commit(engine, {i: len(b) // CS for i, b in model.items()})
+    for map_id in list(model)[:1]:
+        engine.drop_map(map_id)
+        del model[map_id]
+        db.maps.pop(map_id)
+    engine.write(sorted(model)[0], pattern(CS, seed), 0)
+    model[sorted(model)[0]][0:CS] = pattern(CS, seed)
+    db.commit(engine, {i: len(b) // CS for i, b in model.items()})
+    engine.flush_data()
 
-        loaded = db.load(ENGINES[loader], fd)
-        assert loaded.stats() == engine.stats()
-        for map_id, content in model.items():
-            assert loaded.pread(map_id, len(content), 0) == content
-            assert loaded.map_directory(map_id) == engine.map_directory(map_id)
-        assert loaded.take_changes().pages == []
-        # The loaded engine goes on where the first one stopped.
-        target = sorted(model)[-1]
-        loaded.write(target, b"after", 3)
-        model[target][3:8] = b"after"
-        assert loaded.pread(target, len(model[target]), 0) == model[target]
-    finally:
-        os.close(fd)
+    loaded = db.load(ENGINES[loader], file_fd)
+    assert loaded.stats() == engine.stats()
+    for map_id, content in model.items():
+        assert loaded.pread(map_id, len(content), 0) == content
+        assert loaded.map_directory(map_id) == engine.map_directory(map_id)
+    assert loaded.take_changes().pages == []
+    # The loaded engine goes on where the first one stopped.
+    target = sorted(model)[-1]
+    loaded.write(target, b"after", 3)
+    model[target][3:8] = b"after"
+    assert loaded.pread(target, len(model[target]), 0) == model[target]
 
 
 def test_unreferenced_loaded_pages_are_reported_dead_once(engine):
@@ -792,24 +796,20 @@ def test_any_contiguous_buffer_can_be_read_into_and_written_from(engine):
     engine.read(1, b"", 0)  # nothing to fill: even read-only memory is fine
 
 
-def test_a_truncated_data_file_is_corruption(engine_class, tmp_path):
-    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        engine = engine_class(fd, CS, PE)
-        engine.create_map(1, 2)
-        engine.write(1, pattern(2 * CS, 1), 0)
-        engine.flush_data()
-        # At a page boundary: the Cython engine reads through a mapping, where bytes past the
-        # end of the file but inside its last 4 KiB page read as zeros instead of faulting.
-        os.ftruncate(fd, CS)
-        assert engine.pread(1, 10, CS - 10) == pattern(2 * CS, 1)[CS - 10 : CS]
-        with pytest.raises(Corruption):
-            engine.pread(1, CS, CS)
-        engine.clone_map(2, 1)
-        with pytest.raises(Corruption):
-            engine.write(2, b"partial", CS + 100)  # reading the shared chunk to copy it
-    finally:
-        os.close(fd)
+def test_a_truncated_data_file_is_corruption(engine_class, file_fd):
+    engine = engine_class(file_fd, CS, PE)
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * CS, 1), 0)
+    engine.flush_data()
+    # At a page boundary: the Cython engine reads through a mapping, where bytes past the
+    # end of the file but inside its last 4 KiB page read as zeros instead of faulting.
+    os.ftruncate(file_fd, CS)
+    assert engine.pread(1, 10, CS - 10) == pattern(2 * CS, 1)[CS - 10 : CS]
+    with pytest.raises(Corruption):
+        engine.pread(1, CS, CS)
+    engine.clone_map(2, 1)
+    with pytest.raises(Corruption):
+        engine.write(2, b"partial", CS + 100)  # reading the shared chunk to copy it
 
 
 def test_io_errors_are_os_errors(engine_class):
@@ -827,43 +827,35 @@ def test_io_errors_are_os_errors(engine_class):
         os.close(r)
 
 
-def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, tmp_path):
-    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        engine = engine_class(fd, CS, PE)
-        engine.create_map(1, 2)
-        engine.write(1, pattern(2 * CS, 1), 0)
-        engine.close()
-        engine.close()
-        for call in (
-            lambda: engine.write(1, b"late", 10),
-            lambda: engine.zero(1, 0, CS),
-            lambda: engine.pread(1, 4, 0),
-            lambda: engine.read(1, bytearray(4), 0),
-            lambda: engine.seal(1),
-        ):
-            with pytest.raises(Closed):
-                call()
-        assert os.pread(fd, 2 * CS, 0) == pattern(2 * CS, 1)
-    finally:
-        os.close(fd)
+def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, file_fd):
+    engine = engine_class(file_fd, CS, PE)
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * CS, 1), 0)
+    engine.close()
+    engine.close()
+    for call in (
+        lambda: engine.write(1, b"late", 10),
+        lambda: engine.zero(1, 0, CS),
+        lambda: engine.pread(1, 4, 0),
+        lambda: engine.read(1, bytearray(4), 0),
+        lambda: engine.seal(1),
+    ):
+        with pytest.raises(Closed):
+            call()
+    assert os.pread(file_fd, 2 * CS, 0) == pattern(2 * CS, 1)
 
 
 @needs_c
-def test_an_overwrite_through_the_mapping_that_faults_is_eio_not_a_crash(tmp_path):
-    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        engine = _cengine.Engine(fd, CS, PE)
-        engine.create_map(1, 8)
-        engine.write(1, pattern(8 * CS, 1), 0)
-        engine.write(1, b"in place", 3 * CS + 5)
-        assert os.pread(fd, 8, 3 * CS + 5) == b"in place"  # through the mapping, same file
-        os.ftruncate(fd, 0)
-        with pytest.raises(OSError) as caught:
-            engine.write(1, b"faults", 6 * CS + 7)
-        assert caught.value.errno == errno.EIO
-    finally:
-        os.close(fd)
+def test_an_overwrite_through_the_mapping_that_faults_is_eio_not_a_crash(file_fd):
+    engine = _cengine.Engine(file_fd, CS, PE)
+    engine.create_map(1, 8)
+    engine.write(1, pattern(8 * CS, 1), 0)
+    engine.write(1, b"in place", 3 * CS + 5)
+    assert os.pread(file_fd, 8, 3 * CS + 5) == b"in place"  # through the mapping, same file
+    os.ftruncate(file_fd, 0)
+    with pytest.raises(OSError) as caught:
+        engine.write(1, b"faults", 6 * CS + 7)
+    assert caught.value.errno == errno.EIO
 
 
 # -- introspection -------------------------------------------------------------------------
@@ -1012,17 +1004,13 @@ def test_threads_on_different_maps_end_consistent(engine_class, data_fd):
         assert loaded.pread(map_id, len(model), 0) == model
 
 
-def test_a_data_file_truncated_while_open_is_corruption_not_a_crash(engine_class, tmp_path):
-    fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        engine = engine_class(fd, CS, PE)
-        engine.create_map(1, 64)
-        engine.write(1, pattern(64 * CS, 3), 0)
-        assert engine.pread(1, 64 * CS, 0) == pattern(64 * CS, 3)
-        os.ftruncate(fd, 0)
-        with pytest.raises(Corruption):
-            engine.pread(1, 32 * CS, 16 * CS)
-        with pytest.raises(Corruption):
-            engine.read(1, bytearray(CS), 40 * CS)
-    finally:
-        os.close(fd)
+def test_a_data_file_truncated_while_open_is_corruption_not_a_crash(engine_class, file_fd):
+    engine = engine_class(file_fd, CS, PE)
+    engine.create_map(1, 64)
+    engine.write(1, pattern(64 * CS, 3), 0)
+    assert engine.pread(1, 64 * CS, 0) == pattern(64 * CS, 3)
+    os.ftruncate(file_fd, 0)
+    with pytest.raises(Corruption):
+        engine.pread(1, 32 * CS, 16 * CS)
+    with pytest.raises(Corruption):
+        engine.read(1, bytearray(CS), 40 * CS)
