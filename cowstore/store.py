@@ -36,6 +36,9 @@ DEFAULT_SIZE = 10 * GiB
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 * KiB, 1 * MiB
 MAX_SIZE = 1 << 50
 PAGE_ENTRIES = 1024
+MAX_MAP_PAGES = 1 << 22
+"""A snapshot's map directory stays within 32 MiB (SQLite keeps it as one blob): with 4 KiB
+chunks a snapshot holds up to 16 TiB, with 64 KiB chunks 256 TiB."""
 MAX_KEY_LENGTH = 4096
 
 DATA_FILE = "data"
@@ -137,11 +140,12 @@ def _check_labels(labels: object) -> dict[str, str]:
     return dict(labels)
 
 
-def _check_size(size: object, what: str = "size") -> int:
+def _check_size(size: object, chunk_size: int, what: str = "size") -> int:
     if not isinstance(size, int) or isinstance(size, bool):
         raise InvalidArgument(f"{what} must be an int, not {type(size).__name__}")
-    if not 0 < size <= MAX_SIZE:
-        raise InvalidArgument(f"{what} {size} is out of range (1 to {MAX_SIZE} bytes)")
+    limit = min(MAX_SIZE, chunk_size * PAGE_ENTRIES * MAX_MAP_PAGES)
+    if not 0 < size <= limit:
+        raise InvalidArgument(f"{what} {size} is out of range (1 to {limit} bytes, {chunk_size}-byte chunks)")
     return size
 
 
@@ -266,7 +270,7 @@ class Store:
                     raise InvalidArgument(f"parent {parent!r} is {base.kind.value}, not committed")
                 size = base.size
             else:
-                size = self.default_size if size is None else _check_size(size)
+                size = self.default_size if size is None else _check_size(size, self.chunk_size)
             now = _now()
             s = _Snapshot(self._next_id, key, kind, base, labels, now, now, size)
             self._next_id += 1
@@ -653,9 +657,12 @@ def _create(path: Path, settings: dict[str, int]) -> None:
 
 
 def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int]:
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else _check_chunk_size(chunk_size)
+    if default_size is not None:
+        _check_size(default_size, chunk_size, "default_size")
     return {
-        "chunk_size": DEFAULT_CHUNK_SIZE if chunk_size is None else _check_chunk_size(chunk_size),
-        "default_size": DEFAULT_SIZE if default_size is None else _check_size(default_size, "default_size"),
+        "chunk_size": chunk_size,
+        "default_size": DEFAULT_SIZE if default_size is None else default_size,
         "page_entries": PAGE_ENTRIES,
     }
 

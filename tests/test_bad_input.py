@@ -138,3 +138,12 @@ def test_truncated_or_foreign_files_raise_clear_errors(tmp_path, target):
     assert _exercise(path, expected) in ("error", "reported")
     (path / target).write_bytes(os.urandom(3 * CHUNK))
     assert _exercise(path, expected) in ("error", "reported")
+
+
+def test_a_size_whose_map_would_not_fit_is_refused_and_the_store_goes_on(store):
+    too_big = CHUNK * 1024 * (1 << 22) + 1
+    with pytest.raises(errors.InvalidArgument, match="out of range"):
+        store.prepare("huge", size=too_big)
+    store.prepare("fine", size=too_big - 1).pwrite(b"x", too_big - 2)
+    store.flush()
+    assert store.mounts("fine").pread(1, too_big - 2) == b"x"
