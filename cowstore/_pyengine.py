@@ -12,6 +12,11 @@ committed, a write that changes a chunk clears its sum, and with `set_verify(Tru
 read of a chunk with a sum checks it. A sum of 0 means "not computed"; a real CRC of 0 is
 kept as 1.
 
+A map may have a parent (`clone_map(..., child=True)`): a copy on write into a chunk whose
+entry is still the parent's writes only the sub-blocks it touches, and the entry, flagged
+PARTIAL, reads the others through the parent (see `SUB_BLOCKS`). A parent therefore cannot
+change or be dropped while it has children.
+
 Both engines have this exact interface and read and write the same bytes: a page is
 `page_entries` little-endian uint32 slots followed by as many uint32 sums; a map directory
 is little-endian uint64 page ids (0 = no page: every entry unallocated). Policy (names,
@@ -30,7 +35,15 @@ from typing import NamedTuple
 
 from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
-MAX_SLOT = 0xFFFFFFFF
+PARTIAL = 1 << 31
+"""Flag in a page entry: the chunk is partial (see `SUB_BLOCKS`)."""
+MAX_SLOT = PARTIAL - 1
+SUB_BLOCKS = 32
+"""A copy on write into a chunk that the parent map holds writes only the sub-blocks (1/32 of
+a chunk) the write touches, as qcow2's subclusters do: the entry is flagged PARTIAL, its sum
+field holds the bitmap of the sub-blocks present, and the others read through the parent.
+`seal` fills them in, so committed maps hold whole chunks with sums."""
+_FULL_BITS = (1 << SUB_BLOCKS) - 1
 
 
 class Changes(NamedTuple):
@@ -74,12 +87,16 @@ class _Page:
 
 
 class _Map:
-    __slots__ = ("id", "nchunks", "pages")
+    __slots__ = ("children", "id", "nchunks", "pages", "parent")
 
-    def __init__(self, map_id: int, nchunks: int, pages: list[_Page | None]) -> None:
+    def __init__(self, map_id: int, nchunks: int, pages: list[_Page | None], parent: _Map | None) -> None:
         self.id = map_id
         self.nchunks = nchunks
         self.pages = pages
+        self.parent = parent
+        self.children = 0
+        if parent is not None:
+            parent.children += 1
 
 
 class Engine:
@@ -94,6 +111,8 @@ class Engine:
         self._cs = chunk_size
         self._pe = page_entries
         self._zeros = bytes(chunk_size)
+        self._sub = chunk_size // SUB_BLOCKS if chunk_size >= SUB_BLOCKS else 0
+        self._links: dict[int, int] = {}
         self._verify = False
         self._lock = threading.RLock()
         self._maps: dict[int, _Map] = {}
@@ -131,8 +150,9 @@ class Engine:
         self._loaded[page_id] = _Page(page_id, _from_le("I", blob[:half]), _from_le("I", blob[half:]))
         self._next_page_id = max(self._next_page_id, page_id + 1)
 
-    def load_map(self, map_id: int, nchunks: int, directory: bytes) -> None:
-        """Register a stored map whose pages were loaded with `load_page`."""
+    def load_map(self, map_id: int, nchunks: int, directory: bytes, parent_id: int | None = None) -> None:
+        """Register a stored map whose pages were loaded with `load_page`; `parent_id` is the
+        map its partial chunks read through (linked by `finish_load`)."""
         self._check_loading()
         ids = _from_le("Q", directory)
         if len(ids) != self._npages(nchunks):
@@ -146,22 +166,39 @@ class Engine:
         for page in pages:
             if page is not None:
                 page.refs += 1
-        self._maps[map_id] = _Map(map_id, nchunks, pages)
+        self._maps[map_id] = _Map(map_id, nchunks, pages, None)
+        if parent_id is not None:
+            self._links[map_id] = parent_id
 
     def finish_load(self, nslots: int) -> None:
         """Derive slot refcounts from the loaded pages; unreferenced pages become dead."""
         self._check_loading()
         if not 0 <= nslots <= self._max_slots:
             raise ValueError(f"pool of {nslots} slots is invalid or exceeds the limit")
+        for map_id, parent_id in self._links.items():
+            m, parent = self._maps[map_id], self._maps.get(parent_id)
+            if parent is None or parent.nchunks != m.nchunks:
+                raise ValueError(f"map {map_id} names parent {parent_id}: missing or of another size")
+            m.parent = parent
+            parent.children += 1
+        for m in self._maps.values():
+            up, steps = m.parent, 0
+            while up is not None:
+                steps += 1
+                if up is m or steps > len(self._maps):
+                    raise ValueError(f"map {m.id} is its own ancestor")
+                up = up.parent
         refs = array("I", bytes(4 * (nslots + 1)))
         for page in self._loaded.values():
-            for slot in page.entries if page.refs else ():
+            for entry in page.entries if page.refs else ():
+                slot = entry & MAX_SLOT
                 if slot:
                     if slot > nslots:
                         raise ValueError(f"page {page.id} names slot {slot}, beyond the pool of {nslots}")
                     refs[slot] += 1
         self._dead_pages.extend(p.id for p in self._loaded.values() if p.refs == 0)
         self._finished = True
+        self._links = {}
         self._refs = refs
         self._nslots = nslots
         self._free = [s for s in range(nslots, 0, -1) if refs[s] == 0]
@@ -187,11 +224,16 @@ class Engine:
                 raise ValueError(f"map {map_id} exists")
             if nchunks < 0:
                 raise ValueError(f"map {map_id} cannot have {nchunks} chunks")
-            self._maps[map_id] = _Map(map_id, nchunks, [None] * self._npages(nchunks))
+            self._maps[map_id] = _Map(map_id, nchunks, [None] * self._npages(nchunks), None)
             self._dirty_maps.add(map_id)
 
-    def clone_map(self, map_id: int, source_id: int) -> None:
-        """A new map sharing every page of `source_id`: no entry or chunk is copied."""
+    def clone_map(self, map_id: int, source_id: int, child: bool = False) -> None:
+        """A new map sharing every page of `source_id`: no entry or chunk is copied.
+
+        With `child`, the source becomes the new map's parent: its partial chunks read
+        through it, so it can be neither written nor dropped while it has children. Without,
+        the new map takes the source's place (its parent too), as a commit does.
+        """
         with self._lock:
             if map_id in self._maps:
                 raise ValueError(f"map {map_id} exists")
@@ -199,14 +241,18 @@ class Engine:
             for page in source.pages:
                 if page is not None:
                     page.refs += 1
-            self._maps[map_id] = _Map(map_id, source.nchunks, list(source.pages))
+            parent = source if child else source.parent
+            self._maps[map_id] = _Map(map_id, source.nchunks, list(source.pages), parent)
             self._dirty_maps.add(map_id)
 
     def drop_map(self, map_id: int) -> None:
         with self._lock:
-            m = self._maps.pop(map_id, None)
-            if m is None:
-                raise KeyError(map_id)
+            m = self._map(map_id)
+            if m.children:
+                raise ValueError(f"map {map_id} has {m.children} child maps: drop them first")
+            del self._maps[map_id]
+            if m.parent is not None:
+                m.parent.children -= 1
             for page in m.pages:
                 if page is not None:
                     self._unref_page(page)
@@ -233,24 +279,13 @@ class Engine:
             m = self._io_map(map_id)
             self._check_range(m, offset, len(mv))
             for pos, chunk, within, length in self._pieces(offset, len(mv)):
-                slot = self._entry(m, chunk)
-                piece = mv[pos : pos + length]
-                if slot == 0:
-                    piece[:] = self._zeros[:length]
-                elif self._verify and self._sum(m, chunk):
-                    whole = bytearray(self._cs)
-                    self._pread_into(memoryview(whole), (slot - 1) * self._cs)
-                    if chunk_sum(whole) != self._sum(m, chunk):
-                        raise Corruption(f"chunk {chunk} (slot {slot}) of map {map_id} fails its checksum")
-                    piece[:] = whole[within : within + length]
-                else:
-                    self._pread_into(piece, (slot - 1) * self._cs + within)
+                self._read_chunk(m, chunk, within, mv[pos : pos + length])
 
     def write(self, map_id: int, data, offset: int) -> None:
         """Write `data` (any buffer) at `offset`, copying shared pages and chunks first."""
         mv = memoryview(data).cast("B")
         with self._lock:
-            m = self._io_map(map_id)
+            m = self._writable_map(map_id)
             self._check_range(m, offset, len(mv))
             pieces = list(self._pieces(offset, len(mv)))
             self._reserve(sum(self._needs_slot(m, c, mv[p : p + n]) for p, c, _, n in pieces))
@@ -260,7 +295,7 @@ class Engine:
     def zero(self, map_id: int, offset: int, length: int) -> None:
         """Make a range read as zeros; whole chunks become unallocated."""
         with self._lock:
-            m = self._io_map(map_id)
+            m = self._writable_map(map_id)
             self._check_range(m, offset, length)
             zeros = memoryview(self._zeros)
             self._reserve(
@@ -275,22 +310,28 @@ class Engine:
                     if self._entry(m, chunk):
                         page = self._page_for_write(m, chunk // self._pe)
                         i = chunk % self._pe
-                        self._decref(page.entries[i])
+                        self._decref(page.entries[i] & MAX_SLOT)
                         page.entries[i] = 0
                         page.sums[i] = 0
                 else:
                     self._write_chunk(m, chunk, within, memoryview(self._zeros)[:n])
 
     def seal(self, map_id: int) -> int:
-        """Compute the missing chunk sums of a map (at commit); returns how many it computed."""
+        """Fill in the map's partial chunks and compute its missing chunk sums (at commit);
+        returns how many sums it computed."""
         with self._lock:
             m = self._io_map(map_id)
             buf = bytearray(self._cs)
             count = 0
-            for page in m.pages:
+            for index, page in enumerate(m.pages):
                 if page is None:
                     continue
-                for i, slot in enumerate(page.entries):
+                for i, entry in enumerate(page.entries):
+                    slot = entry & MAX_SLOT
+                    if entry & PARTIAL:
+                        self._fill(m, index * self._pe + i, slot, page.sums[i])
+                        page.entries[i] = slot
+                        page.sums[i] = 0
                     if slot and not page.sums[i]:
                         self._pread_into(memoryview(buf), (slot - 1) * self._cs)
                         page.sums[i] = chunk_sum(buf)
@@ -432,6 +473,12 @@ class Engine:
             raise Closed("the store is closed")
         return self._map(map_id)
 
+    def _writable_map(self, map_id: int) -> _Map:
+        m = self._io_map(map_id)
+        if m.children:
+            raise ValueError(f"map {map_id} has child maps: it cannot change")
+        return m
+
     def _map(self, map_id: int) -> _Map:
         try:
             return self._maps[map_id]
@@ -478,9 +525,9 @@ class Engine:
             fresh = self._new_page(array("I", bytes(4 * self._pe)), array("I", bytes(4 * self._pe)))
         else:
             fresh = self._new_page(array("I", page.entries), array("I", page.sums))
-            for slot in fresh.entries:
-                if slot:
-                    self._refs[slot] += 1
+            for entry in fresh.entries:
+                if entry:
+                    self._refs[entry & MAX_SLOT] += 1
             page.refs -= 1
         m.pages[index] = fresh
         self._dirty_maps.add(m.id)
@@ -490,9 +537,9 @@ class Engine:
         page.refs -= 1
         if page.refs:
             return
-        for slot in page.entries:
-            if slot:
-                self._decref(slot)
+        for entry in page.entries:
+            if entry:
+                self._decref(entry & MAX_SLOT)
         self._dirty_pages.pop(page.id, None)
         self._dead_pages.append(page.id)
 
@@ -508,7 +555,7 @@ class Engine:
         if zero and (old == 0 or len(piece) == self._cs):
             return False
         page = m.pages[chunk // self._pe]
-        return not (old and self._refs[old] == 1 and page.refs == 1)
+        return not (old and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
 
     def _reserve(self, slots: int) -> None:
         """Refuse, before changing anything, a write that needs more new slots than the pool has."""
@@ -536,42 +583,130 @@ class Engine:
         full = n == self._cs
         page = m.pages[chunk // self._pe]
         i = chunk % self._pe
-        if old and self._refs[old] == 1 and not (full and zero) and page.refs == 1:
-            self._write_in_place(page, i, piece, (old - 1) * self._cs + within)
+        if old and self._refs[old & MAX_SLOT] == 1 and not (full and zero) and page.refs == 1:
+            self._write_in_place(m, page, chunk, within, piece)
             return
         page = self._page_for_write(m, chunk // self._pe)
         old = page.entries[i]
+        bits = 0
         if full and zero:
             new = 0
-        elif old and self._refs[old] == 1:
-            self._write_in_place(page, i, piece, (old - 1) * self._cs + within)
+        elif old and self._refs[old & MAX_SLOT] == 1:
+            self._write_in_place(m, page, chunk, within, piece)
             return
         else:
             if full:
-                chunk_bytes: bytes | bytearray | memoryview = piece
+                lo, data = 0, piece
+            elif self._sub and old == self._parent_entry(m, chunk):
+                # Partial copy on write: only the sub-blocks the write touches; the parent
+                # keeps supplying the others.
+                lo, hi = self._span(within, n)
+                data = bytearray(hi - lo)
+                view = memoryview(data)
+                self._read_parent(m, chunk, lo, view[: within - lo])
+                self._read_parent(m, chunk, within + n, view[within + n - lo :])
+                data[within - lo : within - lo + n] = piece
+                bits = self._bits(lo, hi)
             else:
-                buf = bytearray(self._cs)
-                if old:
-                    self._pread_into(memoryview(buf), (old - 1) * self._cs)
-                buf[within : within + n] = piece
-                chunk_bytes = buf
+                lo, data = 0, bytearray(self._cs)
+                self._read_chunk(m, chunk, 0, memoryview(data))
+                data[within : within + n] = piece
             new = self._alloc()
             try:
-                self._pwrite(chunk_bytes, (new - 1) * self._cs)
+                self._pwrite(data, (new - 1) * self._cs + lo)
             except BaseException:
                 self._refs[new] = 0
                 self._free.append(new)
                 raise
-        page.entries[i] = new
-        page.sums[i] = 0
+        whole = bits in (0, _FULL_BITS)
+        page.entries[i] = new if whole else new | PARTIAL
+        page.sums[i] = 0 if whole else bits
         if old:
-            self._decref(old)
+            self._decref(old & MAX_SLOT)
 
-    def _write_in_place(self, page: _Page, i: int, piece: memoryview, offset: int) -> None:
-        if page.sums[i]:
+    def _write_in_place(self, m: _Map, page: _Page, chunk: int, within: int, piece: memoryview) -> None:
+        i = chunk % self._pe
+        entry = page.entries[i]
+        base = ((entry & MAX_SLOT) - 1) * self._cs
+        if entry & PARTIAL:
+            n, bits = len(piece), page.sums[i]
+            lo, hi = self._span(within, n)
+            for start, end, k in ((lo, within, lo // self._sub), (within + n, hi, hi // self._sub - 1)):
+                if start < end and not bits >> k & 1:
+                    edge = bytearray(end - start)
+                    self._read_parent(m, chunk, start, memoryview(edge))
+                    self._pwrite(edge, base + start)
+            bits |= self._bits(lo, hi)
+            whole = bits == _FULL_BITS
+            page.entries[i] = entry & MAX_SLOT if whole else entry
+            page.sums[i] = 0 if whole else bits
+            self._dirty_pages[page.id] = page
+        elif page.sums[i]:
             page.sums[i] = 0
             self._dirty_pages[page.id] = page
-        self._pwrite(piece, offset)
+        self._pwrite(piece, base + within)
+
+    def _span(self, within: int, n: int) -> tuple[int, int]:
+        """The sub-blocks a write of `n` bytes at `within` touches, as a byte range."""
+        sub = self._sub
+        return within // sub * sub, -(-(within + n) // sub) * sub
+
+    def _bits(self, lo: int, hi: int) -> int:
+        """The bitmap of the sub-blocks in the sub-block-aligned range lo..hi."""
+        return ((1 << ((hi - lo) // self._sub)) - 1) << (lo // self._sub)
+
+    def _parent_entry(self, m: _Map, chunk: int) -> int:
+        return self._entry(m.parent, chunk) if m.parent is not None else 0
+
+    def _read_parent(self, m: _Map, chunk: int, within: int, piece: memoryview) -> None:
+        """Bytes of the chunk as the parent map holds them (zeros without a parent)."""
+        if not len(piece):
+            return
+        if m.parent is None:
+            piece[:] = self._zeros[: len(piece)]
+        else:
+            self._read_chunk(m.parent, chunk, within, piece)
+
+    def _read_chunk(self, m: _Map, chunk: int, within: int, piece: memoryview) -> None:
+        """Bytes of one chunk of the map: unallocated, partial (own sub-blocks, the rest from
+        the parent), or a whole chunk (its sum checked when reads verify)."""
+        entry = self._entry(m, chunk)
+        slot = entry & MAX_SLOT
+        length = len(piece)
+        if slot == 0:
+            piece[:] = self._zeros[:length]
+        elif entry & PARTIAL:
+            bits, sub = self._sum(m, chunk), self._sub
+            pos = within
+            while pos < within + length:
+                own = bits >> (pos // sub) & 1
+                end = (pos // sub + 1) * sub
+                while end < within + length and (bits >> (end // sub) & 1) == own:
+                    end += sub
+                end = min(end, within + length)
+                part = piece[pos - within : end - within]
+                if own:
+                    self._pread_into(part, (slot - 1) * self._cs + pos)
+                else:
+                    self._read_parent(m, chunk, pos, part)
+                pos = end
+        elif self._verify and self._sum(m, chunk):
+            whole = bytearray(self._cs)
+            self._pread_into(memoryview(whole), (slot - 1) * self._cs)
+            if chunk_sum(whole) != self._sum(m, chunk):
+                raise Corruption(f"chunk {chunk} (slot {slot}) of map {m.id} fails its checksum")
+            piece[:] = whole[within : within + length]
+        else:
+            self._pread_into(piece, (slot - 1) * self._cs + within)
+
+    def _fill(self, m: _Map, chunk: int, slot: int, bits: int) -> None:
+        """Copy a partial chunk's missing sub-blocks from the parent into its slot."""
+        sub = self._sub
+        for k in range(SUB_BLOCKS):
+            if not bits >> k & 1:
+                part = bytearray(sub)
+                self._read_parent(m, chunk, k * sub, memoryview(part))
+                self._pwrite(part, (slot - 1) * self._cs + k * sub)
 
     def _pwrite(self, data, offset: int) -> None:
         mv = memoryview(data)

@@ -16,7 +16,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
-from ._pyengine import chunk_sum
+from ._pyengine import MAX_SLOT, PARTIAL, chunk_sum
 from .errors import Corruption
 from .metadata import Metadata
 
@@ -151,9 +151,12 @@ def audit(
             bad.append(Problem(f"page has {len(blob)} bytes, expected {8 * page_entries}", where))
             continue
         half = 4 * page_entries
-        for slot, crc in zip(_entries(blob[:half]), _entries(blob[half:]), strict=True):
+        for entry, crc in zip(_entries(blob[:half]), _entries(blob[half:]), strict=True):
+            slot = entry & MAX_SLOT
             if slot == 0:
                 continue
+            if entry & PARTIAL:
+                crc = 0  # the field holds which sub-blocks the slot has, not a sum
             if slot > nslots:
                 bad.append(
                     Problem(f"names slot {slot}, past the end of the data file ({nslots} slots)", where)

@@ -219,7 +219,7 @@ class Store:
                 s = _Snapshot(
                     row.id, row.key, Kind(row.kind), parent, row.labels, row.created, row.updated, row.size
                 )
-                eng.load_map(row.id, -(-row.size // self.chunk_size), row.directory)
+                eng.load_map(row.id, -(-row.size // self.chunk_size), row.directory, row.parent)
                 by_id[row.id] = s
                 self._snapshots[row.key] = s
                 if parent is not None:
@@ -277,7 +277,7 @@ class Store:
             if base is None:
                 self._engine.create_map(s.id, -(-size // self.chunk_size))
             else:
-                self._engine.clone_map(s.id, base.id)
+                self._engine.clone_map(s.id, base.id, child=True)
             self._snapshots[key] = s
             if base is not None:
                 self._children[base.id] = self._children.get(base.id, 0) + 1

@@ -29,9 +29,10 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_equal(pthread_t a, pthread_t b)
 
 
-# A page: this header, then `page_entries` uint32 slots (0 = unallocated) and as many
-# uint32 chunk sums (0 = not computed) in the same allocation (see `ents()`, `sums()`):
-# 16 bytes of overhead per page, 8 bytes per entry.
+# A page: this header, then `page_entries` uint32 entries (a slot, 0 = unallocated, with
+# the PARTIAL flag in bit 31) and as many uint32 chunk sums (0 = not computed; for a
+# partial entry, the bitmap of its sub-blocks present) in the same allocation (see
+# `ents()`, `sums()`): 16 bytes of overhead per page, 8 bytes per entry.
 cdef struct Page:
     uint64_t id
     uint32_t refs       # maps (directory positions) naming this page
@@ -44,6 +45,10 @@ cdef struct Map:
     uint64_t npages
     uint64_t dirty      # 1 + index in State.dirty_maps, 0 = clean
     Page **pages        # npages pointers, NULL = no page (every entry unallocated)
+    Map *parent         # where partial chunks read their missing sub-blocks (NULL: zeros)
+    uint64_t children   # maps whose parent this is: while any, it cannot change or go
+    int64_t parent_key  # between load_map and finish_load: the parent's id
+    bint has_parent_key
 
 
 # Open-addressing hash table int64 -> pointer (NULL value = empty bucket).
@@ -118,6 +123,7 @@ cdef struct State:
     uint64_t cs_mask
     unsigned int cs_shift
     uint64_t pe             # page entries
+    uint64_t sub            # sub-block size (chunk size / 32); 0: no partial chunks
     size_t page_bytes       # sizeof(Page) + 4 * pe
     HTable maps             # map id -> Map*
     HTable loaded           # page id -> Page*, between load_page and finish_load

@@ -72,7 +72,7 @@ from _cengine cimport (
 
 from os import strerror as _strerror
 
-from cowstore._pyengine import MAX_SLOT, Changes, chunk_sum
+from cowstore._pyengine import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
 from cowstore.errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 
@@ -239,6 +239,8 @@ cdef enum:
     E_REFS          # a refcount would overflow uint32
     E_CHECKSUM      # a: chunk, b: slot
     E_CLOSED
+    E_CHILDREN      # a: how many child maps
+    E_BAD_PARENT    # a: map id, b: the parent id it names
 
 # Largest accepted sizes: chunk offsets ((slot - 1) * chunk_size) stay far below 2**63.
 cdef uint64_t MAX_CHUNK_SIZE = 1 << 30
@@ -246,6 +248,9 @@ cdef uint64_t MAX_PAGE_ENTRIES = 1 << 26
 cdef uint32_t DIRTY_LIMIT = 0xFFFFFFF0u
 cdef size_t IO_MAX = 1 << 30
 cdef uint64_t SMALL_IO = 64 << 10   # at most this much I/O through the mapping keeps the GIL
+cdef uint32_t FLAG_PARTIAL = 0x80000000u  # entry flag: a partial chunk (see _pyengine.SUB_BLOCKS)
+cdef uint32_t SLOT_MASK = 0x7FFFFFFFu
+cdef uint32_t FULL_BITS = 0xFFFFFFFFu
 
 
 # -- small C containers --------------------------------------------------------
@@ -537,7 +542,7 @@ cdef Page *page_for_write(State *st, Map *m, uint64_t index) noexcept nogil:
         memcpy(e, ents(page), 2 * st.pe * sizeof(uint32_t))
         for i in range(st.pe):
             if e[i]:
-                st.refs[e[i]] += 1
+                st.refs[e[i] & SLOT_MASK] += 1
         page.refs -= 1
     mark_page(st, fresh)
     m.pages[index] = fresh
@@ -556,7 +561,7 @@ cdef void unref_page(State *st, Page *page) noexcept nogil:
     e = ents(page)
     for i in range(st.pe):
         if e[i]:
-            st_decref(st, e[i])
+            st_decref(st, e[i] & SLOT_MASK)
     if page.dirty:
         st.dirty_pages.a[page.dirty - 1] = NULL
     st.dead.a[st.dead.n] = page.id
@@ -731,6 +736,11 @@ cdef int st_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t n
             piece = n - pos
         slot = entry(st, m, chunk)
         run = piece
+        if slot & FLAG_PARTIAL:
+            if read_partial(st, m, chunk, within, piece, buf + pos, err, tmp) < 0:
+                return -1
+            pos += run
+            continue
         want = checked_sum(st, m, chunk) if slot else 0
         if want:
             if piece == cs:
@@ -786,37 +796,148 @@ cdef int reserve_piece(State *st, bint partial) noexcept nogil:
     return 0
 
 
-cdef int write_in_place(State *st, Page *page, uint64_t i, const unsigned char *piece, uint64_t n,
-                        uint64_t off, Err *err) noexcept nogil:
-    """The reference's _write_in_place: the chunk changes, so its sum goes (piece NULL: zeros)."""
+cdef inline uint32_t parent_entry(State *st, Map *m, uint64_t chunk) noexcept nogil:
+    return entry(st, m.parent, chunk) if m.parent != NULL else 0
+
+
+cdef inline uint32_t span_bits(State *st, uint64_t lo, uint64_t hi) noexcept nogil:
+    """The bitmap of the sub-blocks in the sub-block-aligned range lo..hi of a chunk."""
+    return <uint32_t>((((<uint64_t>1) << ((hi - lo) / st.sub)) - 1) << (lo / st.sub))
+
+
+cdef int read_parent(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, unsigned char *buf,
+                     Err *err, unsigned char **tmp) noexcept nogil:
+    """Bytes of the chunk as the map's parent holds them (zeros without a parent)."""
+    if n == 0:
+        return 0
+    if m.parent == NULL:
+        memset(buf, 0, n)
+        return 0
+    return st_read(st, m.parent, buf, chunk * st.cs + within, n, err, tmp)
+
+
+cdef int read_partial(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, unsigned char *buf,
+                      Err *err, unsigned char **tmp) noexcept nogil:
+    """A piece of a partial chunk: runs of its own sub-blocks from its slot, the rest
+    through the parent."""
+    cdef Page *page = m.pages[chunk / st.pe]
+    cdef uint32_t bits = sums(st, page)[chunk % st.pe]
+    cdef uint64_t base = (<uint64_t>(ents(page)[chunk % st.pe] & SLOT_MASK) - 1) * st.cs
+    cdef uint64_t pos = within, end = within + n, stop, sub = st.sub
+    cdef uint32_t own
+    while pos < end:
+        own = (bits >> (pos / sub)) & 1
+        stop = (pos / sub + 1) * sub
+        while stop < end and ((bits >> (stop / sub)) & 1) == own:
+            stop += sub
+        if stop > end:
+            stop = end
+        if own:
+            if st_pread(st, buf + (pos - within), stop - pos, base + pos, err) < 0:
+                return -1
+        elif read_parent(st, m, chunk, pos, stop - pos, buf + (pos - within), err, tmp) < 0:
+            return -1
+        pos = stop
+    return 0
+
+
+cdef int fill_partial(State *st, Map *m, uint64_t chunk, uint32_t slot, uint32_t bits, Err *err) noexcept nogil:
+    """Copy a partial chunk's missing sub-blocks from the parent into its slot (st.scratch
+    is free to use)."""
+    cdef uint64_t k = 0, first, sub = st.sub, base = (<uint64_t>slot - 1) * st.cs
+    cdef unsigned char *tmp = NULL
+    cdef int rc = 0
+    while k < 32 and rc == 0:
+        if (bits >> k) & 1:
+            k += 1
+            continue
+        first = k
+        while k < 32 and not (bits >> k) & 1:
+            k += 1
+        rc = read_parent(st, m, chunk, first * sub, (k - first) * sub, st.scratch, err, &tmp)
+        if rc == 0:
+            rc = st_pwrite(st, st.scratch, (k - first) * sub, base + first * sub, err)
+    free(tmp)
+    return rc
+
+
+cdef int fill_edge(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, uint64_t base,
+                   Err *err) noexcept nogil:
+    """Bring the parent's bytes into part of a sub-block a write covers only partly."""
+    cdef unsigned char *tmp = NULL
+    cdef unsigned char *edge = <unsigned char *>malloc(n)
+    cdef int rc
+    if edge == NULL:
+        err.kind = E_NOMEM
+        return -1
+    rc = read_parent(st, m, chunk, within, n, edge, err, &tmp)
+    if rc == 0:
+        rc = st_pwrite(st, edge, n, base + within, err)
+    free(tmp)
+    free(edge)
+    return rc
+
+
+cdef int write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uint64_t within,
+                        const unsigned char *piece, uint64_t n, Err *err) noexcept nogil:
+    """The reference's _write_in_place: the chunk changes, so its sum goes (piece NULL:
+    zeros); a partial chunk gains the sub-blocks written, and is whole once it has all."""
+    cdef uint64_t i = chunk % st.pe, lo, hi, sub = st.sub
+    cdef uint32_t e = ents(page)[i]
     cdef uint32_t *s = sums(st, page)
+    cdef uint64_t base = (<uint64_t>(e & SLOT_MASK) - 1) * st.cs
+    cdef uint32_t bits
     if piece == NULL and st.scratch == NULL:
         st.scratch = <unsigned char *>malloc(st.cs)
         if st.scratch == NULL:
             err.kind = E_NOMEM
             return -1
-    if s[i]:
+    if s[i] or e & FLAG_PARTIAL:
         if reserve_dirty_pages(st, 1):
             err.kind = E_NOMEM
             return -1
-        s[i] = 0
-        mark_page(st, page)
     if piece == NULL:
         memset(st.scratch, 0, n)
         piece = st.scratch
-    return st_overwrite(st, piece, n, off, err)
+    if not e & FLAG_PARTIAL:
+        if s[i]:
+            s[i] = 0
+            mark_page(st, page)
+        return st_overwrite(st, piece, n, base + within, err)
+    # Sub-blocks of a partial chunk may be holes in the file: pwrite, never the mapping.
+    lo = within / sub * sub
+    hi = (within + n + sub - 1) / sub * sub
+    bits = s[i]
+    if within > lo and not (bits >> (lo / sub)) & 1:
+        if fill_edge(st, m, chunk, lo, within - lo, base, err) < 0:
+            return -1
+    if within + n < hi and not (bits >> (hi / sub - 1)) & 1:
+        if fill_edge(st, m, chunk, within + n, hi - within - n, base, err) < 0:
+            return -1
+    if st_pwrite(st, piece, n, base + within, err) < 0:
+        return -1
+    bits |= span_bits(st, lo, hi)
+    if bits == FULL_BITS:
+        ents(page)[i] = e & SLOT_MASK
+        s[i] = 0
+    else:
+        s[i] = bits
+    mark_page(st, page)
+    return 0
 
 
 cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const unsigned char *piece,
                      uint64_t n, Err *err) noexcept nogil:
     """The reference's _write_chunk; piece NULL writes zeros."""
-    cdef uint64_t index = chunk / st.pe, i = chunk % st.pe, cs = st.cs
+    cdef uint64_t index = chunk / st.pe, i = chunk % st.pe, cs = st.cs, lo = 0, hi = cs
     cdef Page *page = m.pages[index]
     cdef uint32_t old = ents(page)[i] if page != NULL else 0
-    cdef uint32_t new = 0
+    cdef uint32_t new = 0, bits = 0
     cdef bint full = n == cs
     cdef bint zero
     cdef const unsigned char *src
+    cdef unsigned char *dst
+    cdef unsigned char *tmp = NULL
     cdef int rc
     if piece == NULL:
         zero = 1
@@ -825,8 +946,8 @@ cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const u
         zero = (old == 0 or full) and is_zero(piece, n)
     if old == 0 and zero:
         return 0
-    if old and st.refs[old] == 1 and not (full and zero) and page.refs == 1:
-        return write_in_place(st, page, i, piece, n, (old - 1) * cs + within, err)
+    if old and st.refs[old & SLOT_MASK] == 1 and not (full and zero) and page.refs == 1:
+        return write_in_place(st, m, page, chunk, within, piece, n, err)
     if reserve_piece(st, not full):
         err.kind = E_NOMEM
         return -1
@@ -841,30 +962,45 @@ cdef int write_chunk(State *st, Map *m, uint64_t chunk, uint64_t within, const u
         if full:
             src = piece
         else:
-            if old:
-                if st_pread(st, st.scratch, cs, (old - 1) * cs, err) < 0:
-                    return -1
+            if st.sub and old == parent_entry(st, m, chunk):
+                # Partial copy on write: only the sub-blocks the write touches.
+                lo = within / st.sub * st.sub
+                hi = (within + n + st.sub - 1) / st.sub * st.sub
+                rc = read_parent(st, m, chunk, lo, within - lo, st.scratch, err, &tmp)
+                if rc == 0:
+                    rc = read_parent(st, m, chunk, within + n, hi - within - n, st.scratch + (within + n - lo),
+                                     err, &tmp)
+                bits = span_bits(st, lo, hi)
+                dst = st.scratch + (within - lo)
             else:
-                memset(st.scratch, 0, cs)
+                rc = st_read(st, m, st.scratch, chunk * cs, cs, err, &tmp)
+                dst = st.scratch + within
+            free(tmp)
+            if rc < 0:
+                return -1
             if piece == NULL:
-                memset(st.scratch + within, 0, n)
+                memset(dst, 0, n)
             else:
-                memcpy(st.scratch + within, piece, n)
+                memcpy(dst, piece, n)
             src = st.scratch
         rc = st_alloc(st, &new)
         if rc:
             err.kind = rc
             err.a = <int64_t>st.nslots
             return -1
-        if st_pwrite(st, src, cs, (<uint64_t>new - 1) * cs, err) < 0:
+        if st_pwrite(st, src, hi - lo, (<uint64_t>new - 1) * cs + lo, err) < 0:
             st.refs[new] = 0
             st.used -= 1
             free_push(st, new)
             return -1
-    ents(page)[i] = new
-    sums(st, page)[i] = 0
+    if bits and bits != FULL_BITS:
+        ents(page)[i] = new | FLAG_PARTIAL
+        sums(st, page)[i] = bits
+    else:
+        ents(page)[i] = new
+        sums(st, page)[i] = 0
     if old:
-        st_decref(st, old)
+        st_decref(st, old & SLOT_MASK)
     return 0
 
 
@@ -884,7 +1020,7 @@ cdef uint64_t slots_needed(State *st, Map *m, const unsigned char *data, uint64_
         old = ents(page)[chunk % st.pe] if page != NULL else 0
         full = piece == cs
         zero = data == NULL or ((old == 0 or full) and is_zero(data + pos, piece))
-        if not ((old == 0 and zero) or (full and zero) or (old and st.refs[old] == 1 and page.refs == 1)):
+        if not ((old == 0 and zero) or (full and zero) or (old and st.refs[old & SLOT_MASK] == 1 and page.refs == 1)):
             need += 1
         pos += piece
     return need
@@ -945,6 +1081,9 @@ cdef void write_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n
         return
     if st.loading:
         err.kind = E_LOADING
+    elif m.children:
+        err.kind = E_CHILDREN
+        err.a = <int64_t>m.children
     else:
         st_write(st, m, data, <uint64_t>off, <uint64_t>n, err)
 
@@ -957,10 +1096,10 @@ cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_
     cdef Map *m = io_map(st, key, fits, off, n, err)
     cdef uint64_t chunk, within
     cdef Page *page
-    cdef uint32_t slot
+    cdef uint32_t slot, want
     if m == NULL:
         return 1
-    if st.loading or n == 0:
+    if st.loading or n == 0 or m.children:
         return 0
     chunk = <uint64_t>off >> st.cs_shift
     within = <uint64_t>off & st.cs_mask
@@ -970,7 +1109,15 @@ cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_
     if page == NULL or page.refs != 1:
         return 0
     slot = ents(page)[chunk % st.pe]
-    if slot == 0 or st.refs[slot] != 1 or sums(st, page)[chunk % st.pe]:
+    if slot & FLAG_PARTIAL and st.sub:
+        # Only sub-blocks the chunk already has: their blocks exist, so the mapping is safe.
+        want = span_bits(st, within / st.sub * st.sub, (within + n + st.sub - 1) / st.sub * st.sub)
+        if (sums(st, page)[chunk % st.pe] & want) != want:
+            return 0
+        slot &= SLOT_MASK
+    elif sums(st, page)[chunk % st.pe]:
+        return 0
+    if slot == 0 or st.refs[slot] != 1:
         return 0
     if not can_overwrite(st, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within):
         return 0
@@ -1152,6 +1299,8 @@ cdef object _exception(State *st, Err *err, tuple keys):
         return ValueError("a page is shared by too many maps")
     if kind == E_CLOSED:
         return Closed("the store is closed")
+    if kind == E_CHILDREN:
+        return ValueError(f"map {keys[0] if keys else '?'} has {err.a} child maps: it cannot change or go")
     return SystemError(f"cowstore._cengine: unexpected error {kind}")
 
 
@@ -1192,6 +1341,7 @@ cdef class Engine:
         self.st.cs_shift = <unsigned int>shift
         self.st.cs_mask = self.st.cs - 1
         self.st.pe = page_entries
+        self.st.sub = self.st.cs / 32 if self.st.cs >= 32 else 0
         self.st.page_bytes = sizeof(Page) + 8 * self.st.pe
         self.st.max_slots = MAX_SLOT
         self.st.next_page_id = 1
@@ -1313,13 +1463,14 @@ cdef class Engine:
             raise MemoryError() if kind == E_NOMEM else ValueError(
                 "loading is only valid before finish_load and before any write")
 
-    def load_map(self, map_id, nchunks, directory):
-        """Register a stored map whose pages were loaded with `load_page`."""
+    def load_map(self, map_id, nchunks, directory, parent_id=None):
+        """Register a stored map whose pages were loaded with `load_page`; `parent_id` is the
+        map its partial chunks read through (linked by `finish_load`)."""
         cdef State *st = &self.st
         cdef Py_buffer view
         cdef uint64_t *ids = NULL
         cdef uint64_t n, npages, want, i, j
-        cdef int64_t key
+        cdef int64_t key, pkey
         cdef Map *m = NULL
         cdef Page *p
         cdef Err err
@@ -1336,6 +1487,7 @@ cdef class Engine:
                 raise ValueError(f"map {map_id} directory has {npages} pages, expected {want}")
             self._as_nchunks(nchunks, map_id, &n)
             key = _new_key(map_id)
+            pkey = _new_key(parent_id) if parent_id is not None else 0
             m = <Map *>calloc(1, sizeof(Map))
             ids = <uint64_t *>malloc(8 * npages + 8)
             if m == NULL or ids == NULL:
@@ -1353,6 +1505,8 @@ cdef class Engine:
         m.id = key
         m.nchunks = n
         m.npages = npages
+        m.parent_key = pkey
+        m.has_parent_key = parent_id is not None
         try:
             self._enter()
         except BaseException:
@@ -1411,8 +1565,11 @@ cdef class Engine:
         """Derive slot refcounts from the loaded pages; unreferenced pages become dead."""
         cdef State *st = &self.st
         cdef int64_t ns = 0
-        cdef uint64_t n, s, used = 0, zeros = 0, ndead = 0, bad_page = 0, bad_slot = 0
+        cdef uint64_t n, s, used = 0, zeros = 0, ndead = 0, bad_page = 0, bad_slot = 0, steps
+        cdef int64_t bad_map = 0, bad_parent = 0
         cdef size_t i, j
+        cdef Map *m
+        cdef Map *up
         cdef uint32_t *refs = NULL
         cdef uint8_t *bits = NULL
         cdef uint32_t *e
@@ -1438,13 +1595,28 @@ cdef class Engine:
                         continue
                     e = ents(p)
                     for j in range(st.pe):
-                        if e[j] > n:
+                        if (e[j] & SLOT_MASK) > n:
                             kind = E_SLOT_BEYOND
                             bad_page = p.id
-                            bad_slot = e[j]
+                            bad_slot = e[j] & SLOT_MASK
                             break
                     if kind:
                         break
+                # Each named parent exists, has the child's size, and no chain loops.
+                for i in range(st.maps.mask + 1 if st.maps.tab != NULL else 0):
+                    m = <Map *>st.maps.tab[i].val
+                    if m == NULL or not m.has_parent_key or kind:
+                        continue
+                    up = m
+                    steps = 0
+                    while up != NULL and up.has_parent_key:
+                        bad_map = up.id
+                        bad_parent = up.parent_key
+                        up = <Map *>ht_get(&st.maps, up.parent_key)
+                        steps += 1
+                        if up == NULL or up.nchunks != m.nchunks or up == m or steps > st.maps.n:
+                            kind = E_BAD_PARENT
+                            break
             if kind == E_OK:
                 refs = <uint32_t *>calloc(n + 1, sizeof(uint32_t))
                 bits = <uint8_t *>calloc(bit_bytes(n + 1), 1)
@@ -1457,7 +1629,7 @@ cdef class Engine:
                         e = ents(p)
                         for j in range(st.pe):
                             if e[j]:
-                                refs[e[j]] += 1
+                                refs[e[j] & SLOT_MASK] += 1
                 for s in range(1, n + 1):
                     if refs[s]:
                         used += 1
@@ -1488,6 +1660,12 @@ cdef class Engine:
                         st.dead.a[st.dead.n] = p.id
                         st.dead.n += 1
                         free(p)
+                for i in range(st.maps.mask + 1 if st.maps.tab != NULL else 0):
+                    m = <Map *>st.maps.tab[i].val
+                    if m != NULL and m.has_parent_key:
+                        m.parent = <Map *>ht_get(&st.maps, m.parent_key)
+                        m.parent.children += 1
+                        m.has_parent_key = 0
                 st.loaded_order.n = 0
                 free(st.loaded.tab)
                 st.loaded.tab = NULL
@@ -1500,6 +1678,8 @@ cdef class Engine:
         free(bits)
         if kind == E_SLOT_BEYOND:
             raise ValueError(f"page {bad_page} names slot {bad_slot}, beyond the pool of {nslots}")
+        if kind == E_BAD_PARENT:
+            raise ValueError(f"map {bad_map} names parent {bad_parent}: missing, of another size or a loop")
         if kind == E_NOMEM:
             raise MemoryError()
         if kind == E_FINISHED:
@@ -1566,8 +1746,14 @@ cdef class Engine:
                 raise ValueError(f"map {map_id} exists")
             raise MemoryError()
 
-    def clone_map(self, map_id, source_id):
-        """A new map sharing every page of `source_id`: no entry or chunk is copied."""
+    def clone_map(self, map_id, source_id, child=False):
+        """A new map sharing every page of `source_id`: no entry or chunk is copied.
+
+        With `child`, the source becomes the new map's parent: its partial chunks read
+        through it, so it can be neither written nor dropped while it has children. Without,
+        the new map takes the source's place (its parent too), as a commit does.
+        """
+        cdef bint as_child = child
         cdef State *st = &self.st
         cdef int64_t key = _new_key(map_id)
         cdef int64_t skey = 0
@@ -1605,6 +1791,9 @@ cdef class Engine:
                                 break
                             m.pages[i].refs += 1
                     if kind == E_OK:
+                        m.parent = src if as_child else src.parent
+                        if m.parent != NULL:
+                            m.parent.children += 1
                         ht_put(&st.maps, key, m)
                         mark_map(st, m)
                 if kind and m != NULL:
@@ -1636,6 +1825,9 @@ cdef class Engine:
                 kind = E_KEY
             elif st.loading:
                 kind = E_LOADING
+            elif m.children:
+                kind = E_CHILDREN
+                dying = m.children
             else:
                 # Count what dies (a page can appear twice in a directory) to reserve room.
                 for i in range(m.npages):
@@ -1661,10 +1853,14 @@ cdef class Engine:
                             unref_page(st, m.pages[i])
                     if m.dirty:
                         st.dirty_maps.a[m.dirty - 1] = NULL
+                    if m.parent != NULL:
+                        m.parent.children -= 1
                     free_map(m)
             pthread_rwlock_unlock(&self.lock)
         if kind == E_KEY:
             raise KeyError(map_id)
+        if kind == E_CHILDREN:
+            raise ValueError(f"map {map_id} has {dying} child maps: drop them first")
         if kind:
             raise MemoryError() if kind == E_NOMEM else ValueError(
                 "maps were loaded: finish_load must come first")
@@ -1836,10 +2032,15 @@ cdef class Engine:
                     e = ents(p)
                     s = sums(st, p)
                     for j in range(st.pe):
-                        if e[j] and not s[j]:
+                        if (e[j] and not s[j]) or e[j] & FLAG_PARTIAL:
                             if reserve_dirty_pages(st, 1):
                                 err.kind = E_NOMEM
                                 break
+                            if e[j] & FLAG_PARTIAL:
+                                if fill_partial(st, m, i * st.pe + j, e[j] & SLOT_MASK, s[j], &err) < 0:
+                                    break
+                                e[j] &= SLOT_MASK
+                                s[j] = 0
                             if st_pread(st, st.scratch, st.cs, (<uint64_t>e[j] - 1) * st.cs, &err) < 0:
                                 break
                             s[j] = chunk_crc(st.scratch, st.cs)

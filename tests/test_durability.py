@@ -191,3 +191,29 @@ def test_second_process_gets_locked_with_the_holders_pid(disk_store, tmp_path):
 def test_lock_is_released_on_close(disk_store):
     disk_store().close()
     disk_store().close()
+
+
+def test_partial_chunks_survive_reopen_and_commit_makes_them_whole(disk_store, tmp_path):
+    s = disk_store()
+    data_file = tmp_path / "store" / "data"
+    base = s.prepare("base", size=4 * CHUNK)
+    base.pwrite(b"b" * 4 * CHUNK, 0)
+    s.commit("layer", "base")
+    before = data_file.stat().st_size
+    top = s.prepare("top", "layer")
+    top.pwrite(b"new", CHUNK + 20)
+    top.flush()
+    # The copy on write took the sub-block written (1/32 of the chunk), not the chunk.
+    assert data_file.stat().st_size - before == CHUNK // 32
+    want = bytearray(b"b" * 4 * CHUNK)
+    want[CHUNK + 20 : CHUNK + 23] = b"new"
+    s.close()
+    again = disk_store()
+    assert again.mounts("top").pread(4 * CHUNK, 0) == want
+    assert again.check(data=True).ok
+    again.commit("done", "top")
+    assert again.reader("done").pread(4 * CHUNK, 0) == want
+    again.close()
+    last = disk_store(verify_reads=True)
+    assert last.reader("done").pread(4 * CHUNK, 0) == want
+    assert last.check(data=True).ok

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cowstore import _pyengine
+from cowstore._pyengine import PARTIAL
 from cowstore.errors import Closed, Corruption, NoSpace
 
 try:
@@ -145,13 +146,17 @@ def test_both_modules_export_the_same_public_names():
             "Engine",
             "MAX_IO",
             "MAX_SLOT",
+            "PARTIAL",
+            "SUB_BLOCKS",
             "VolumeBase",
             "chunk_sum",
         }
     )
     assert _cengine.Changes is _pyengine.Changes
     assert _cengine.chunk_sum is _pyengine.chunk_sum
-    assert _cengine.MAX_SLOT == _pyengine.MAX_SLOT == 0xFFFFFFFF
+    assert _cengine.MAX_SLOT == _pyengine.MAX_SLOT == 0x7FFFFFFF
+    assert _cengine.PARTIAL == _pyengine.PARTIAL == 1 << 31
+    assert _cengine.SUB_BLOCKS == _pyengine.SUB_BLOCKS == 32
     # Everything else the reference module has is there only because it imports it.
     public = {n for n in dir(_pyengine) if not n.startswith("_")}
     assert {n for n in dir(_cengine) if not n.startswith("_")} <= public
@@ -550,7 +555,8 @@ def test_finish_load_derives_refcounts_and_free_slots(engine_class, data_fd):
     engine.create_map(7, 1)
     engine.write(7, b"a", 0)
     engine.write(7, b"b", CS // 2)
-    assert engine.take_changes().pages[0][1] == page_blob([2, 0, 0, 0])  # the lowest free slot
+    # The lowest free slot, partial: it holds the two sub-blocks written and nothing else.
+    assert engine.take_changes().pages[0][1] == page_blob([2 | PARTIAL, 0, 0, 0], [1 | 1 << 16, 0, 0, 0])
     engine.write(6, b"c", 3 * CS)  # page 1 is shared by maps 5 and 6: copied
     assert engine.pread(6, CS, 3 * CS) == b"c" + pattern(5 * CS, 5)[2 * CS + 1 : 3 * CS]
     assert engine.map_directory(5) == (1).to_bytes(8, "little")
@@ -825,6 +831,71 @@ def test_io_errors_are_os_errors(engine_class):
             engine.flush_data()
     finally:
         os.close(r)
+
+
+def test_a_parent_cannot_change_or_go_while_it_has_children(engine):
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * CS, 1), 0)
+    engine.clone_map(2, 1, child=True)
+    for call in (
+        lambda: engine.write(1, b"x", 0),
+        lambda: engine.zero(1, 0, CS),
+        lambda: engine.drop_map(1),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    engine.clone_map(3, 2)  # takes map 2's place: its parent is map 1 too
+    engine.drop_map(2)
+    with pytest.raises(ValueError):
+        engine.drop_map(1)
+    engine.drop_map(3)
+    engine.write(1, b"free again", 0)
+    engine.drop_map(1)
+
+
+def test_a_first_small_write_copies_only_the_sub_blocks_it_touches(engine, data_fd):
+    sub = CS // 32
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * CS, 1), 0)
+    engine.take_changes()
+    engine.clone_map(2, 1, child=True)
+    size = os.fstat(data_fd).st_size
+    engine.write(2, b"new", CS + 5 * sub + 10)  # slot 3, only sub-block 5 written
+    assert os.fstat(data_fd).st_size == 2 * CS + 6 * sub
+    entries = array.array("I", engine.take_changes().pages[0][1])
+    assert (entries[1], entries[PE + 1]) == (3 | PARTIAL, 1 << 5)
+    want = bytearray(pattern(2 * CS, 1))
+    want[CS + 5 * sub + 10 : CS + 5 * sub + 13] = b"new"
+    assert engine.pread(2, 2 * CS, 0) == want
+    # Writes into the partial chunk fill it; once every sub-block is there it is whole.
+    engine.write(2, b"edge", CS + 7 * sub - 2)  # half in sub-block 6, half in 7
+    want[CS + 7 * sub - 2 : CS + 7 * sub + 2] = b"edge"
+    assert engine.pread(2, 2 * CS, 0) == want
+    engine.write(2, bytes(want[CS : 2 * CS]), CS)
+    entries = array.array("I", engine.take_changes().pages[0][1])
+    assert (entries[1], entries[PE + 1]) == (3, 0)
+    assert size < os.fstat(data_fd).st_size == 3 * CS
+    assert engine.pread(2, 2 * CS, 0) == want
+
+
+def test_seal_fills_partial_chunks_and_sums_them(engine):
+    engine.create_map(1, 3)
+    engine.write(1, pattern(3 * CS, 1), 0)
+    engine.seal(1)
+    engine.clone_map(2, 1, child=True)
+    engine.write(2, b"one", 10)
+    engine.write(2, b"two", 2 * CS + 100)
+    want = engine.pread(2, 3 * CS, 0)
+    assert engine.seal(2) == 2
+    changes = engine.take_changes()
+    page = dict(changes.pages)[max(dict(changes.pages))]
+    entries, sums = array.array("I", page[: 4 * PE]), array.array("I", page[4 * PE :])
+    assert not any(e & PARTIAL for e in entries)
+    engine.clone_map(3, 2)
+    engine.drop_map(2)
+    engine.set_verify(True)
+    assert engine.pread(3, 3 * CS, 0) == want
+    assert all(sums[i] for i in range(3))
 
 
 def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, file_fd):
