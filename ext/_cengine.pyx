@@ -13,8 +13,8 @@ it exclusive. The lock is only ever waited for without the GIL (a try-lock may b
 with it), and system calls (pread, pwrite, fsync, ftruncate) always run without it.
 
 Reads copy from a shared mapping of the data file (no system call per read), and so do
-overwrites inside chunks that were written whole (their blocks exist, so a full disk
-cannot fault there). Every write that allocates, a new chunk or a copy on write, stays
+overwrites inside chunks that were written whole, or inside the sub-blocks a partial chunk
+has (their blocks exist, so a full disk cannot fault there). Every write that allocates, a new chunk or a copy on write, stays
 pwrite, so a full disk is an error, not a fault. A copy that faults (the file shrank
 under the store's lock, or the disk failed) raises Corruption on a read and EIO on a
 write; bytes past the end of the file inside its last page read as zeros, which only an
