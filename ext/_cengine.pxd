@@ -22,7 +22,6 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
     int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_unlock(pthread_rwlock_t *lock)
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
     pthread_t pthread_self()
@@ -115,8 +114,7 @@ cdef struct DiffRuns:
 
 cdef struct State:
     int fd
-    unsigned char *view     # the data file mapped shared (NULL: read with pread)
-    bint view_writable      # the mapping is writable: in-place overwrites copy into it
+    const unsigned char *view   # the data file mapped read-only (NULL: read with pread)
     uint64_t view_len       # bytes of address space mapped
     uint64_t file_size      # bytes known to be in the data file: a mapped read below it cannot fault
     uint64_t cs             # chunk size (a power of two)

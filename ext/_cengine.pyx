@@ -12,15 +12,14 @@ One rwlock guards the state: reads take it shared, everything that changes metad
 it exclusive. The lock is only ever waited for without the GIL (a try-lock may be taken
 with it), and system calls (pread, pwrite, fsync, ftruncate) always run without it.
 
-Reads copy from a shared mapping of the data file (no system call per read), and so do
-overwrites inside chunks that were written whole, or inside the sub-blocks a partial chunk
-has (their blocks exist, so a full disk cannot fault there). Every write that allocates, a new chunk or a copy on write, stays
-pwrite, so a full disk is an error, not a fault. A copy that faults (the file shrank
-under the store's lock, or the disk failed) raises Corruption on a read and EIO on a
-write; bytes past the end of the file inside its last page read as zeros, which only an
-outside truncation while the store is open can cause. Small I/O through the mapping keeps
-the GIL when the lock is free at once: releasing and taking it back costs more than a
-copy of a few pages.
+Reads copy from a read-only shared mapping of the data file (no system call per read).
+Writes stay pwrite: a full disk is then an error, not a fault, and a process killed in
+the middle of a write leaves it applied by whole pages, where a copy into a writable
+mapping could stop at any cache line. A read that faults (the file shrank under the
+store's lock, or the disk failed) raises Corruption; bytes past the end of the file inside
+its last page read as zeros, which only an outside truncation while the store is open can
+cause. Small reads through the mapping keep the GIL when the lock is free at once:
+releasing and taking it back costs more than a copy of a few pages.
 
 Both engines refuse, before changing anything, a write that would hit `NoSpace`, loading
 after `finish_load`, a `release` of slots that are not freed slots of the pool, negative
@@ -39,7 +38,7 @@ from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
@@ -63,7 +62,6 @@ from _cengine cimport (
     pthread_rwlock_rdlock,
     pthread_rwlock_t,
     pthread_rwlock_tryrdlock,
-    pthread_rwlock_trywrlock,
     pthread_rwlock_unlock,
     pthread_rwlock_wrlock,
     pthread_self,
@@ -605,7 +603,7 @@ cdef void view_grow(State *st, uint64_t end) noexcept nogil:
 
     The mapping reserves address space well past the file (64 GiB, then doubling), so it is
     redone rarely, and only under the exclusive lock, while no I/O is copying through it. It
-    is writable when the file is; if mmap fails, I/O keeps using pread and pwrite.
+    is read-only; if mmap fails, reads keep using pread.
     """
     cdef uint64_t want = VIEW_MIN
     cdef void *p
@@ -616,12 +614,9 @@ cdef void view_grow(State *st, uint64_t end) noexcept nogil:
     while want < st.file_size:
         want *= 2
     view_drop(st)
-    p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED, st.fd, 0)
-    st.view_writable = p != MAP_FAILED
-    if p == MAP_FAILED:
-        p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
+    p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
     if p != MAP_FAILED:
-        st.view = <unsigned char *>p
+        st.view = <const unsigned char *>p
         st.view_len = want
 
 
@@ -630,7 +625,6 @@ cdef void view_drop(State *st) noexcept nogil:
         munmap(<void *>st.view, st.view_len)
         st.view = NULL
         st.view_len = 0
-        st.view_writable = 0
 
 
 cdef int st_pread(State *st, unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -649,23 +643,6 @@ cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off
         return -1
     view_grow(st, off + n)
     return 0
-
-
-cdef inline bint can_overwrite(State *st, uint64_t n, uint64_t off) noexcept nogil:
-    return st.view_writable and off + n <= st.file_size
-
-
-cdef int st_overwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
-    """Overwrite bytes of a chunk already written whole (its blocks are allocated, so no
-    fault can mean a full disk): a copy into the mapping where there is one, else pwrite.
-    A copy that faults (a failing disk) is EIO, as pwrite would report it."""
-    if can_overwrite(st, n, off):
-        if cs_guarded_copy(st.view + off, buf, n) == 0:
-            return 0
-        err.kind = E_OS
-        err.errnum = EIO
-        return -1
-    return st_pwrite(st, buf, n, off, err)
 
 
 cdef int pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -903,8 +880,7 @@ cdef int write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uint64_t 
         if s[i]:
             s[i] = 0
             mark_page(st, page)
-        return st_overwrite(st, piece, n, base + within, err)
-    # Sub-blocks of a partial chunk may be holes in the file: pwrite, never the mapping.
+        return st_pwrite(st, piece, n, base + within, err)
     lo = within / sub * sub
     hi = (within + n + sub - 1) / sub * sub
     bits = s[i]
@@ -1086,46 +1062,6 @@ cdef void write_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n
         err.a = <int64_t>m.children
     else:
         st_write(st, m, data, <uint64_t>off, <uint64_t>n, err)
-
-
-cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
-                          Err *err) noexcept nogil:
-    """1 when the write was done (or failed) as an overwrite in place through the mapping;
-    0, with nothing changed, when it needs the general path (it allocates, copies, crosses
-    a chunk, clears a sum or the mapping does not reach it)."""
-    cdef Map *m = io_map(st, key, fits, off, n, err)
-    cdef uint64_t chunk, within
-    cdef Page *page
-    cdef uint32_t slot, want
-    if m == NULL:
-        return 1
-    if st.loading or n == 0 or m.children:
-        return 0
-    chunk = <uint64_t>off >> st.cs_shift
-    within = <uint64_t>off & st.cs_mask
-    if within + <uint64_t>n > st.cs:
-        return 0
-    page = m.pages[chunk / st.pe]
-    if page == NULL or page.refs != 1:
-        return 0
-    slot = ents(page)[chunk % st.pe]
-    if slot & FLAG_PARTIAL and st.sub:
-        # Only sub-blocks the chunk already has: their blocks exist, so the mapping is safe.
-        want = span_bits(st, within / st.sub * st.sub, (within + n + st.sub - 1) / st.sub * st.sub)
-        if (sums(st, page)[chunk % st.pe] & want) != want:
-            return 0
-        slot &= SLOT_MASK
-    elif sums(st, page)[chunk % st.pe]:
-        return 0
-    if slot == 0 or st.refs[slot] != 1:
-        return 0
-    if not can_overwrite(st, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within):
-        return 0
-    if <uint64_t>n == st.cs and is_zero(data, <uint64_t>n):
-        return 0
-    st.running = 1
-    st_overwrite(st, data, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within, err)
-    return 1
 
 
 # -- introspection ---------------------------------------------------------------------
@@ -1918,16 +1854,8 @@ cdef class Engine:
 
     cdef void _io_write(self, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
                         Err *err) noexcept:
-        """Write data (NULL: zeros), errors in err. A small overwrite in place through the
-        mapping keeps the GIL when the lock is free; anything else releases it."""
+        """Write data (NULL: zeros), errors in err."""
         cdef State *st = &self.st
-        cdef int done
-        if data != NULL and <uint64_t>n <= SMALL_IO and st.view_writable:
-            if pthread_rwlock_trywrlock(&self.lock) == 0:
-                done = overwrite_locked(st, key, fits, off, n, data, err)
-                pthread_rwlock_unlock(&self.lock)
-                if done:
-                    return
         with nogil:
             pthread_rwlock_wrlock(&self.lock)
             write_locked(st, key, fits, off, n, data, err)

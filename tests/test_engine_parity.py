@@ -916,19 +916,6 @@ def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, file_fd):
     assert os.pread(file_fd, 2 * CS, 0) == pattern(2 * CS, 1)
 
 
-@needs_c
-def test_an_overwrite_through_the_mapping_that_faults_is_eio_not_a_crash(file_fd):
-    engine = _cengine.Engine(file_fd, CS, PE)
-    engine.create_map(1, 8)
-    engine.write(1, pattern(8 * CS, 1), 0)
-    engine.write(1, b"in place", 3 * CS + 5)
-    assert os.pread(file_fd, 8, 3 * CS + 5) == b"in place"  # through the mapping, same file
-    os.ftruncate(file_fd, 0)
-    with pytest.raises(OSError) as caught:
-        engine.write(1, b"faults", 6 * CS + 7)
-    assert caught.value.errno == errno.EIO
-
-
 # -- introspection -------------------------------------------------------------------------
 
 
