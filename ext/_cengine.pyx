@@ -1223,6 +1223,8 @@ cdef object _exception(State *st, Err *err, tuple keys):
         return NoSpace(f"the pool is full: {err.a} chunks of {st.cs} bytes in use")
     if kind == E_CORRUPT:
         return Corruption(f"short read at data offset {err.a}: the data file is truncated")
+    if kind == E_CHECKSUM:
+        return Corruption(f"chunk {err.a} (slot {err.b}) of map {keys[0] if keys else '?'} fails its checksum")
     if kind == E_OS:
         return OSError(err.errnum, _strerror(err.errnum))
     if kind == E_NOMEM:
@@ -1876,8 +1878,6 @@ cdef class Engine:
             self._io_read(key, fits, off, length, NULL if readonly else buf, &err)
         if err.kind == E_RANGE:
             raise ValueError(f"range {offset}+{length} is outside the map")
-        if err.kind == E_CHECKSUM:
-            raise Corruption(f"chunk {err.a} (slot {err.b}) of map {map_id} fails its checksum")
         if err.kind:
             raise _exception(&self.st, &err, (map_id,))
         if readonly and length:
@@ -2382,13 +2382,10 @@ cdef class VolumeBase:
     cdef object _error(self, Err *err, int64_t off, int64_t n):
         if err.kind == E_KEY:
             return NotFound(f"snapshot {self._key!r} was committed or removed")
-        if err.kind == E_CHECKSUM:
-            return Corruption(f"snapshot {self._key!r}, read of {n} bytes at offset {off}: chunk {err.a} "
-                              f"(slot {err.b}) of map {self._mid} fails its checksum")
-        if err.kind == E_CORRUPT:
-            return Corruption(f"snapshot {self._key!r}, read of {n} bytes at offset {off}: "
-                              f"{_exception(&self._engine.st, err, ())}")
-        return _exception(&self._engine.st, err, ())
+        exc = _exception(&self._engine.st, err, (self._mid,))
+        if isinstance(exc, Corruption):
+            return Corruption(f"snapshot {self._key!r}, read of {n} bytes at offset {off}: {exc}")
+        return exc
 
     cdef int _read(self, unsigned char *buf, int64_t off, int64_t n) except -1:
         cdef Err err
