@@ -22,6 +22,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
     int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
+    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_unlock(pthread_rwlock_t *lock)
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
     pthread_t pthread_self()
@@ -114,8 +115,9 @@ cdef struct DiffRuns:
 
 cdef struct State:
     int fd
-    const unsigned char *view   # the data file mapped read-only (NULL: read with pread)
+    unsigned char *view     # the data file mapped (NULL: read with pread)
     uint64_t view_len       # bytes of address space mapped
+    bint view_writable      # the mapping is writable: fresh slots are overwritten through it
     uint64_t file_size      # bytes known to be in the data file: a mapped read below it cannot fault
     uint64_t cs             # chunk size (a power of two)
     uint64_t cs_mask
@@ -128,8 +130,10 @@ cdef struct State:
     PtrVec loaded_order     # the loaded pages, in load order
     uint32_t *refs          # refs[slot]: (page, entry) references; refs[0] unused
     uint8_t *freebit        # bit per slot: the slot is on the free stack
-    uint64_t slot_cap       # entries allocated in refs (and bits in freebit)
-    bint freebit_ready      # freebit holds bit_bytes(slot_cap) initialised bytes
+    uint8_t *freshbit       # bit per slot: allocated since the last take_changes
+    uint64_t nfresh         # bits set in freshbit (none: nothing to clear)
+    uint64_t slot_cap       # entries allocated in refs (and bits in freebit and freshbit)
+    bint freebit_ready      # freebit and freshbit hold bit_bytes(slot_cap) initialised bytes
     uint64_t nslots
     int64_t max_slots
     uint64_t used           # slots with refs != 0

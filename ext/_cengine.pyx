@@ -12,14 +12,17 @@ One rwlock guards the state: reads take it shared, everything that changes metad
 it exclusive. The lock is only ever waited for without the GIL (a try-lock may be taken
 with it), and system calls (pread, pwrite, fsync, ftruncate) always run without it.
 
-Reads copy from a read-only shared mapping of the data file (no system call per read).
-Writes stay pwrite: a full disk is then an error, not a fault, and a process killed in
-the middle of a write leaves it applied by whole pages, where a copy into a writable
-mapping could stop at any cache line. A read that faults (the file shrank under the
-store's lock, or the disk failed) raises Corruption; bytes past the end of the file inside
-its last page read as zeros, which only an outside truncation while the store is open can
-cause. Small reads through the mapping keep the GIL when the lock is free at once:
-releasing and taking it back costs more than a copy of a few pages.
+Reads copy from a shared mapping of the data file (no system call per read). Writes that
+allocate stay pwrite, so a full disk is an error, not a fault. Overwrites in place of
+bytes the file holds copy into the mapping only in fresh slots, those allocated since the
+last take_changes: a process killed in the middle of a copy leaves it torn at any cache
+line, which is harmless in a slot no durable map names. Every other overwrite is pwrite,
+which a kill leaves applied by whole pages. A copy that faults (the file shrank under the
+store's lock, or the disk failed) raises Corruption on a read and EIO on a write; bytes
+past the end of the file inside its last page read as zeros, which only an outside
+truncation while the store is open can cause. Small I/O through the mapping keeps the GIL
+when the lock is free at once: releasing and taking it back costs more than a copy of a
+few pages.
 
 Both engines refuse, before changing anything, a write that would hit `NoSpace`, loading
 after `finish_load`, a `release` of slots that are not freed slots of the pool, negative
@@ -38,7 +41,7 @@ from libc.errno cimport EINTR, EIO, errno
 from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
-from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, mmap, munmap
+from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
@@ -62,6 +65,7 @@ from _cengine cimport (
     pthread_rwlock_rdlock,
     pthread_rwlock_t,
     pthread_rwlock_tryrdlock,
+    pthread_rwlock_trywrlock,
     pthread_rwlock_unlock,
     pthread_rwlock_wrlock,
     pthread_self,
@@ -433,11 +437,16 @@ cdef int ensure_slots(State *st, uint64_t idx) noexcept nogil:
         return -1
     st.refs = r
     memset(r + st.slot_cap, 0, (cap - st.slot_cap) * sizeof(uint32_t))
+    old = bit_bytes(st.slot_cap) if st.freebit_ready else 0
     b = <uint8_t *>realloc(st.freebit, bit_bytes(cap))
     if b == NULL:
         return -1
     st.freebit = b
-    old = bit_bytes(st.slot_cap) if st.freebit_ready else 0
+    memset(b + old, 0, bit_bytes(cap) - old)
+    b = <uint8_t *>realloc(st.freshbit, bit_bytes(cap))
+    if b == NULL:
+        return -1
+    st.freshbit = b
     memset(b + old, 0, bit_bytes(cap) - old)
     st.freebit_ready = 1
     st.slot_cap = cap
@@ -446,6 +455,12 @@ cdef int ensure_slots(State *st, uint64_t idx) noexcept nogil:
 
 cdef inline bint is_free(State *st, uint32_t s) noexcept nogil:
     return (st.freebit[s >> 3] >> (s & 7)) & 1
+
+
+cdef inline bint is_fresh(State *st, uint32_t s) noexcept nogil:
+    """No durable map can name the slot: it was allocated after the last take_changes,
+    and a crash before the next one leaves it unnamed, whatever it holds."""
+    return (st.freshbit[s >> 3] >> (s & 7)) & 1
 
 
 cdef inline void free_push(State *st, uint32_t s) noexcept nogil:
@@ -471,6 +486,9 @@ cdef int st_alloc(State *st, uint32_t *out) noexcept nogil:
         s = <uint32_t>st.nslots
     st.refs[s] = 1
     st.used += 1
+    if not is_fresh(st, s):
+        st.freshbit[s >> 3] |= <uint8_t>(1 << (s & 7))
+        st.nfresh += 1
     out[0] = s
     return 0
 
@@ -603,7 +621,7 @@ cdef void view_grow(State *st, uint64_t end) noexcept nogil:
 
     The mapping reserves address space well past the file (64 GiB, then doubling), so it is
     redone rarely, and only under the exclusive lock, while no I/O is copying through it. It
-    is read-only; if mmap fails, reads keep using pread.
+    is writable when the file is, else read-only; if mmap fails, I/O keeps to pread and pwrite.
     """
     cdef uint64_t want = VIEW_MIN
     cdef void *p
@@ -614,9 +632,12 @@ cdef void view_grow(State *st, uint64_t end) noexcept nogil:
     while want < st.file_size:
         want *= 2
     view_drop(st)
-    p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
+    p = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED, st.fd, 0)
+    st.view_writable = p != MAP_FAILED
+    if p == MAP_FAILED:
+        p = mmap(NULL, want, PROT_READ, MAP_SHARED, st.fd, 0)
     if p != MAP_FAILED:
-        st.view = <const unsigned char *>p
+        st.view = <unsigned char *>p
         st.view_len = want
 
 
@@ -625,6 +646,7 @@ cdef void view_drop(State *st) noexcept nogil:
         munmap(<void *>st.view, st.view_len)
         st.view = NULL
         st.view_len = 0
+        st.view_writable = 0
 
 
 cdef int st_pread(State *st, unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -643,6 +665,23 @@ cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off
         return -1
     view_grow(st, off + n)
     return 0
+
+
+cdef int st_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint64_t n, uint64_t off,
+                      Err *err) noexcept nogil:
+    """Overwrite bytes the file already holds (so no fault can mean a full disk) in `slot`.
+
+    A fresh slot is written by a copy into the mapping: a process killed in the middle of
+    the copy leaves it torn anywhere, but in a slot that no durable map names. Any other
+    slot is written by pwrite, which a kill leaves applied by whole pages. A copy that
+    faults (a failing disk) is EIO, as pwrite would report it."""
+    if st.view_writable and off + n <= st.file_size and is_fresh(st, slot):
+        if cs_guarded_copy(st.view + off, buf, n) == 0:
+            return 0
+        err.kind = E_OS
+        err.errnum = EIO
+        return -1
+    return st_pwrite(st, buf, n, off, err)
 
 
 cdef int pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
@@ -880,7 +919,7 @@ cdef int write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uint64_t 
         if s[i]:
             s[i] = 0
             mark_page(st, page)
-        return st_pwrite(st, piece, n, base + within, err)
+        return st_overwrite(st, e, piece, n, base + within, err)
     lo = within / sub * sub
     hi = (within + n + sub - 1) / sub * sub
     bits = s[i]
@@ -1062,6 +1101,46 @@ cdef void write_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n
         err.a = <int64_t>m.children
     else:
         st_write(st, m, data, <uint64_t>off, <uint64_t>n, err)
+
+
+cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                          Err *err) noexcept nogil:
+    """1 when the write was done (or failed) as an overwrite of a fresh slot through the
+    mapping; 0, with nothing changed, when it needs the general path (it allocates, copies,
+    crosses a chunk, clears a sum, or the slot is not fresh)."""
+    cdef Map *m = io_map(st, key, fits, off, n, err)
+    cdef uint64_t chunk, within
+    cdef Page *page
+    cdef uint32_t slot, want
+    if m == NULL:
+        return 1
+    if st.loading or n == 0 or m.children:
+        return 0
+    chunk = <uint64_t>off >> st.cs_shift
+    within = <uint64_t>off & st.cs_mask
+    if within + <uint64_t>n > st.cs:
+        return 0
+    page = m.pages[chunk / st.pe]
+    if page == NULL or page.refs != 1:
+        return 0
+    slot = ents(page)[chunk % st.pe]
+    if slot & FLAG_PARTIAL:
+        # Only sub-blocks the chunk has: the file holds their bytes.
+        want = span_bits(st, within / st.sub * st.sub, (within + n + st.sub - 1) / st.sub * st.sub)
+        if (sums(st, page)[chunk % st.pe] & want) != want:
+            return 0
+        slot &= SLOT_MASK
+    elif sums(st, page)[chunk % st.pe]:
+        return 0
+    if slot == 0 or st.refs[slot] != 1 or not is_fresh(st, slot):
+        return 0
+    if (<uint64_t>slot - 1) * st.cs + within + <uint64_t>n > st.file_size:
+        return 0
+    if <uint64_t>n == st.cs and is_zero(data, <uint64_t>n):
+        return 0
+    st.running = 1
+    st_overwrite(st, slot, data, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within, err)
+    return 1
 
 
 # -- introspection ---------------------------------------------------------------------
@@ -1319,6 +1398,7 @@ cdef class Engine:
         free(st.loaded_order.a)
         free(st.refs)
         free(st.freebit)
+        free(st.freshbit)
         free(st.free.a)
         free(st.pending.a)
         free(st.dirty_pages.a)
@@ -1510,6 +1590,7 @@ cdef class Engine:
         cdef Map *up
         cdef uint32_t *refs = NULL
         cdef uint8_t *bits = NULL
+        cdef uint8_t *fresh = NULL
         cdef uint32_t *e
         cdef Page *p
         cdef struct_stat sb
@@ -1558,7 +1639,8 @@ cdef class Engine:
             if kind == E_OK:
                 refs = <uint32_t *>calloc(n + 1, sizeof(uint32_t))
                 bits = <uint8_t *>calloc(bit_bytes(n + 1), 1)
-                if refs == NULL or bits == NULL or u64_reserve(&st.dead, ndead):
+                fresh = <uint8_t *>calloc(bit_bytes(n + 1), 1)
+                if refs == NULL or bits == NULL or fresh == NULL or u64_reserve(&st.dead, ndead):
                     kind = E_NOMEM
             if kind == E_OK:
                 for i in range(st.loaded_order.n):
@@ -1577,11 +1659,16 @@ cdef class Engine:
             if kind == E_OK:
                 free(st.refs)
                 free(st.freebit)
+                free(st.freshbit)
                 st.refs = refs
                 st.freebit = bits
+                st.freshbit = fresh
+                st.nfresh = 0
                 refs = NULL
                 bits = NULL
+                fresh = NULL
                 st.slot_cap = n + 1
+                st.freebit_ready = 1
                 st.nslots = n
                 if fstat(st.fd, &sb) == 0:
                     view_grow(st, <uint64_t>sb.st_size)
@@ -1614,6 +1701,7 @@ cdef class Engine:
             pthread_rwlock_unlock(&self.lock)
         free(refs)
         free(bits)
+        free(fresh)
         if kind == E_SLOT_BEYOND:
             raise ValueError(f"page {bad_page} names slot {bad_slot}, beyond the pool of {nslots}")
         if kind == E_BAD_PARENT:
@@ -1856,8 +1944,16 @@ cdef class Engine:
 
     cdef void _io_write(self, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
                         Err *err) noexcept:
-        """Write data (NULL: zeros), errors in err."""
+        """Write data (NULL: zeros), errors in err. A small overwrite of a fresh slot keeps
+        the GIL when the lock is free at once; anything else releases it."""
         cdef State *st = &self.st
+        cdef int done
+        if data != NULL and <uint64_t>n <= SMALL_IO and st.view_writable:
+            if pthread_rwlock_trywrlock(&self.lock) == 0:
+                done = overwrite_locked(st, key, fits, off, n, data, err)
+                pthread_rwlock_unlock(&self.lock)
+                if done:
+                    return
         with nogil:
             pthread_rwlock_wrlock(&self.lock)
             write_locked(st, key, fits, off, n, data, err)
@@ -2254,6 +2350,9 @@ cdef class Engine:
             st.dirty_maps.n = 0
             st.dead.n = 0
             st.pending.n = 0
+            if st.nfresh:
+                memset(st.freshbit, 0, bit_bytes(st.slot_cap))
+                st.nfresh = 0
             return changes
         finally:
             self.writer_active = False

@@ -120,6 +120,8 @@ def test_micro_section_renders_and_targets_are_judged(tmp_path):
         "rand_pread_4k[python]": _entry("rand_pread_4k", "python", 20e-6),
         "rand_pwrite_4k[cython]": _entry("rand_pwrite_4k", "cython", 2e-6),
         "rand_pwrite_4k[python]": _entry("rand_pwrite_4k", "python", 10e-6),
+        "rand_pwrite_4k_flushed[cython]": _entry("rand_pwrite_4k_flushed", "cython", 3e-6),
+        "rand_pwrite_4k_flushed[python]": _entry("rand_pwrite_4k_flushed", "python", 15e-6),
         "read_depth[cython-1]": _entry("read_depth", "cython", 1e-5, params={"depth": 1}, nbytes=65536),
         "read_depth[cython-1024]": _entry(
             "read_depth", "cython", 1.05e-5, params={"depth": 1024}, nbytes=65536

@@ -916,6 +916,38 @@ def test_a_closed_engine_refuses_io_and_keeps_its_bytes(engine_class, file_fd):
     assert os.pread(file_fd, 2 * CS, 0) == pattern(2 * CS, 1)
 
 
+@needs_c
+def test_an_overwrite_of_a_fresh_slot_that_faults_is_eio_not_a_crash(file_fd):
+    engine = _cengine.Engine(file_fd, CS, PE)
+    engine.create_map(1, 8)
+    engine.write(1, pattern(8 * CS, 1), 0)
+    engine.write(1, b"in place", 3 * CS + 5)
+    assert os.pread(file_fd, 8, 3 * CS + 5) == b"in place"  # through the mapping, same file
+    os.ftruncate(file_fd, 0)
+    with pytest.raises(OSError) as caught:
+        engine.write(1, b"faults", 6 * CS + 7)
+    assert caught.value.errno == errno.EIO
+
+
+@needs_c
+def test_an_overwrite_of_a_slot_handed_over_by_take_changes_is_a_pwrite(file_fd):
+    """Once the changes naming a slot are handed over, a kill must not tear a write to it
+    inside a page: the write goes by pwrite, which (unlike a copy into the mapping) does
+    not fault on a file truncated behind the engine's back, but extends it."""
+    engine = _cengine.Engine(file_fd, CS, PE)
+    engine.create_map(1, 8)
+    engine.write(1, pattern(8 * CS, 1), 0)
+    engine.take_changes()
+    os.ftruncate(file_fd, 0)
+    engine.write(1, b"by pwrite", 6 * CS + 7)
+    assert os.fstat(file_fd).st_size == 6 * CS + 7 + 9
+    assert os.pread(file_fd, 9, 6 * CS + 7) == b"by pwrite"
+    engine.create_map(2, 1)  # a slot allocated after take_changes is fresh again
+    engine.write(2, pattern(CS, 2), 0)
+    engine.write(2, b"mapped", 9)
+    assert os.pread(file_fd, 6, 8 * CS + 9) == b"mapped"
+
+
 # -- introspection -------------------------------------------------------------------------
 
 
