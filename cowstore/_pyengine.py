@@ -33,6 +33,7 @@ from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from . import _fs
 from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 PARTIAL = 1 << 31
@@ -44,6 +45,7 @@ a chunk) the write touches, as qcow2's subclusters do: the entry is flagged PART
 field holds the bitmap of the sub-blocks present, and the others read through the parent.
 `seal` fills them in, so committed maps hold whole chunks with sums."""
 _FULL_BITS = (1 << SUB_BLOCKS) - 1
+_PREALLOC_MIN = 1 << 20
 
 
 class Changes(NamedTuple):
@@ -120,6 +122,8 @@ class Engine:
         self._refs = array("I", [0])
         self._nslots = 0
         self._max_slots = MAX_SLOT
+        self._prealloc_step = 0
+        self._prealloc_end = 0
         self._free: list[int] = []
         self._pending: list[int] = []
         self._next_page_id = 1
@@ -211,6 +215,14 @@ class Engine:
     def set_verify(self, verify: bool) -> None:
         """Check the sum of every chunk read that has one; a mismatch raises `Corruption`."""
         self._verify = bool(verify)
+
+    def set_preallocate(self, step: int) -> None:
+        """Reserve file blocks ahead of a growing pool, up to `step` bytes at a time (as
+        much as the pool holds, from 1 MiB); 0 turns it off. `trim_free_tail` gives them back."""
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"preallocation step {step!r} is not a byte count")
+        with self._lock:
+            self._prealloc_step = step
 
     def set_max_slots(self, max_slots: int) -> None:
         """Limit the pool: allocating beyond `max_slots` raises `NoSpace`."""
@@ -422,14 +434,20 @@ class Engine:
             return free
 
     def trim_free_tail(self) -> int:
-        """Shrink the pool and the data file past its last used or pending slot; returns the pool size."""
+        """Shrink the pool and the data file past its last used or pending slot, and give
+        back blocks reserved past the end; returns the pool size."""
         with self._lock:
             free = set(self._free)
             n = self._nslots
             while n and n in free:
                 n -= 1
-            if n < self._nslots:
+            if n == self._nslots and self._prealloc_end:
+                # Truncating to the same size frees the blocks reserved past the end.
+                os.ftruncate(self._fd, os.fstat(self._fd).st_size)
+                self._prealloc_end = 0
+            elif n < self._nslots:
                 os.ftruncate(self._fd, n * self._cs)
+                self._prealloc_end = 0
                 self._free = [s for s in self._free if s <= n]
                 del self._refs[n + 1 :]
                 self._nslots = n
@@ -571,8 +589,22 @@ class Engine:
             self._nslots += 1
             self._refs.append(0)
             slot = self._nslots
+            if self._prealloc_step and slot * self._cs > self._prealloc_end:
+                self._preallocate()
         self._refs[slot] = 1
         return slot
+
+    def _preallocate(self) -> None:
+        """Reserve blocks past the pool's new end, as much as the pool holds (from 1 MiB),
+        within the step and the pool's limit: writes into them skip the file system's
+        allocation. A failure only means no reservation."""
+        cs = self._cs
+        start = max((self._nslots - 1) * cs, self._prealloc_end)
+        length = min(max(start, _PREALLOC_MIN), self._prealloc_step, max(self._max_slots * cs - start, 0))
+        length = -(-length // cs) * cs
+        if length:
+            _fs.preallocate(self._fd, start, length)
+        self._prealloc_end = start + length
 
     def _write_chunk(self, m: _Map, chunk: int, within: int, piece: memoryview) -> None:
         old = self._entry(m, chunk)

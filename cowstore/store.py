@@ -40,6 +40,11 @@ MAX_MAP_PAGES = 1 << 22
 """A snapshot's map directory stays within 32 MiB (SQLite keeps it as one blob): with 4 KiB
 chunks a snapshot holds up to 16 TiB, with 64 KiB chunks 256 TiB."""
 MAX_KEY_LENGTH = 4096
+PREALLOCATE = 64 * MiB
+"""A store in a directory reserves data-file blocks ahead of its growing pool, as much as
+the pool holds up to this much (as XFS does for a growing file): a first write into a new
+chunk then skips the file system's block allocation (about 30 % of a 4 KiB write on ext4).
+`close` gives back what is left unused."""
 
 DATA_FILE = "data"
 META_FILE = "meta.sqlite"
@@ -191,6 +196,8 @@ class Store:
         self._engine = module.Engine(data_fd, self.chunk_size, settings["page_entries"])
         self._volume = volume_class(module)
         self._engine.set_verify(verify_reads)
+        if durable:
+            self._engine.set_preallocate(PREALLOCATE)
         self.verify_reads: bool = bool(verify_reads)
         self.engine: str = "cython" if module.__name__.endswith("_cengine") else "python"
         self._snapshots: dict[str, _Snapshot] = {}

@@ -29,6 +29,11 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_equal(pthread_t a, pthread_t b)
 
 
+cdef extern from "<fcntl.h>" nogil:
+    enum: FALLOC_FL_KEEP_SIZE
+    int fallocate(int fd, int mode, long offset, long length)
+
+
 # A page: this header, then `page_entries` uint32 entries (a slot, 0 = unallocated, with
 # the PARTIAL flag in bit 31) and as many uint32 chunk sums (0 = not computed; for a
 # partial entry, the bitmap of its sub-blocks present) in the same allocation (see
@@ -136,6 +141,8 @@ cdef struct State:
     bint freebit_ready      # freebit and freshbit hold bit_bytes(slot_cap) initialised bytes
     uint64_t nslots
     int64_t max_slots
+    uint64_t prealloc_step  # reserve at most this many bytes ahead of the pool (0: none)
+    uint64_t prealloc_end   # blocks are reserved (or were tried) up to this byte offset
     uint64_t used           # slots with refs != 0
     U32Vec free             # stack: pop from the end
     U32Vec pending          # freed since the last take_changes

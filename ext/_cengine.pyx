@@ -47,6 +47,7 @@ from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
 
 from _cengine cimport (
+    FALLOC_FL_KEEP_SIZE,
     DepthRun,
     DepthRuns,
     DiffRun,
@@ -60,6 +61,7 @@ from _cengine cimport (
     State,
     U32Vec,
     U64Vec,
+    fallocate,
     pthread_equal,
     pthread_rwlock_destroy,
     pthread_rwlock_rdlock,
@@ -470,6 +472,24 @@ cdef inline void free_push(State *st, uint32_t s) noexcept nogil:
     st.freebit[s >> 3] |= <uint8_t>(1 << (s & 7))
 
 
+cdef void preallocate(State *st) noexcept nogil:
+    """Reserve file blocks past the pool's new end (past the file size too, which stays),
+    as much as the pool holds, within prealloc_step and max_slots: writes into reserved
+    blocks skip the file system's allocation. Failure only means no reservation."""
+    cdef uint64_t start = (st.nslots - 1) * st.cs, length
+    if start < st.prealloc_end:
+        start = st.prealloc_end
+    length = start if start > PREALLOC_MIN else PREALLOC_MIN
+    if length > st.prealloc_step:
+        length = st.prealloc_step
+    if st.max_slots >= 0 and start + length > <uint64_t>st.max_slots * st.cs:
+        length = <uint64_t>st.max_slots * st.cs - start if <uint64_t>st.max_slots * st.cs > start else 0
+    length = (length + st.cs - 1) & ~st.cs_mask
+    if length:
+        fallocate(st.fd, FALLOC_FL_KEEP_SIZE, <off_t>start, <off_t>length)
+    st.prealloc_end = start + length
+
+
 cdef int st_alloc(State *st, uint32_t *out) noexcept nogil:
     """A slot with refcount 1: 0, or E_NOSPACE / E_NOMEM."""
     cdef uint32_t s
@@ -484,6 +504,8 @@ cdef int st_alloc(State *st, uint32_t *out) noexcept nogil:
             return E_NOMEM
         st.nslots += 1
         s = <uint32_t>st.nslots
+        if st.prealloc_step and st.nslots * st.cs > st.prealloc_end:
+            preallocate(st)
     st.refs[s] = 1
     st.used += 1
     if not is_fresh(st, s):
@@ -614,6 +636,7 @@ cdef int pread_full(int fd, unsigned char *buf, uint64_t n, uint64_t off, Err *e
 
 
 cdef uint64_t VIEW_MIN = <uint64_t>1 << 36
+cdef uint64_t PREALLOC_MIN = <uint64_t>1 << 20
 
 
 cdef void view_grow(State *st, uint64_t end) noexcept nogil:
@@ -1720,6 +1743,18 @@ cdef class Engine:
             self.st.verify = v
             pthread_rwlock_unlock(&self.lock)
 
+    def set_preallocate(self, step):
+        """Reserve file blocks ahead of a growing pool, up to `step` bytes at a time (as
+        much as the pool holds, from 1 MiB); 0 turns it off. `trim_free_tail` gives them back."""
+        cdef int64_t v = 0
+        if not _int64(step, &v) or v < 0:
+            raise ValueError(f"preallocation step {step!r} is not a byte count")
+        self._enter()
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+            self.st.prealloc_step = <uint64_t>v
+            pthread_rwlock_unlock(&self.lock)
+
     def set_max_slots(self, max_slots):
         """Limit the pool: allocating beyond `max_slots` raises `NoSpace`."""
         cdef int64_t v = -1
@@ -2272,8 +2307,10 @@ cdef class Engine:
             pthread_rwlock_unlock(&self.lock)
 
     def trim_free_tail(self):
-        """Shrink the pool and the data file past its last used or pending slot; returns the pool size."""
+        """Shrink the pool and the data file past its last used or pending slot, and give
+        back blocks reserved past the end; returns the pool size."""
         cdef State *st = &self.st
+        cdef struct_stat sb
         cdef uint64_t n
         cdef size_t i, j
         cdef uint32_t s
@@ -2284,7 +2321,13 @@ cdef class Engine:
             n = st.nslots
             while n and is_free(st, <uint32_t>n):
                 n -= 1
-            if n < st.nslots:
+            if n == st.nslots and st.prealloc_end and fstat(st.fd, &sb) == 0:
+                # Truncating to the same size frees the blocks reserved past the end.
+                rc = ftruncate(st.fd, sb.st_size)
+                if rc < 0:
+                    rc = errno
+                st.prealloc_end = 0
+            elif n < st.nslots:
                 rc = ftruncate(st.fd, <off_t>(n * st.cs))
                 while rc < 0 and errno == EINTR:
                     rc = ftruncate(st.fd, <off_t>(n * st.cs))
@@ -2292,6 +2335,7 @@ cdef class Engine:
                     rc = errno
                 else:
                     st.file_size = n * st.cs
+                    st.prealloc_end = 0
                     j = 0
                     for i in range(st.free.n):
                         s = st.free.a[i]

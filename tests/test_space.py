@@ -71,6 +71,33 @@ def test_compact_gives_space_back_after_removes(disk_store, tmp_path):
     assert report.ok and report.leaks == 0
 
 
+def test_a_growing_pool_reserves_blocks_ahead_and_close_gives_them_back(disk_store, tmp_path):
+    data = tmp_path / "store" / "data"
+    s = disk_store()
+    s.prepare("a").pwrite(b"x" * CHUNK, 0)
+    reserved = os.stat(data).st_blocks * 512
+    if reserved < 1 << 20:
+        assert not _can_preallocate(data), f"only {reserved} bytes allocated for a growing pool"
+        pytest.skip("the file system cannot reserve blocks")
+    assert os.stat(data).st_size == CHUNK
+    s.prepare("b").pwrite(b"y" * CHUNK, 0)
+    assert os.stat(data).st_blocks * 512 == reserved  # the second chunk's blocks were reserved
+    s.close()
+    assert os.stat(data).st_size == 2 * CHUNK
+    assert os.stat(data).st_blocks * 512 <= 2 * CHUNK
+    s = disk_store()
+    assert s.mounts("a").pread(1, 0) == b"x" and s.mounts("b").pread(1, 0) == b"y"
+    assert s.check().ok
+
+
+def _can_preallocate(path) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return cowstore._fs.preallocate(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+
+
 def test_check_of_a_healthy_store_is_clean(store):
     vol = store.prepare("a")
     vol.pwrite(os.urandom(5 * CHUNK), 100)
