@@ -948,6 +948,26 @@ def test_an_overwrite_of_a_slot_handed_over_by_take_changes_is_a_pwrite(file_fd)
     assert os.pread(file_fd, 6, 8 * CS + 9) == b"mapped"
 
 
+def test_preallocation_reserves_past_the_end_within_the_pool_limit(engine_class, file_fd):
+    engine = engine_class(file_fd, CS, PE)
+    with pytest.raises(ValueError):
+        engine.set_preallocate(-1)
+    engine.set_preallocate(1 << 30)
+    engine.set_max_slots(100)
+    engine.create_map(1, 8)
+    engine.write(1, pattern(CS, 1), 0)
+    st = os.fstat(file_fd)
+    if st.st_blocks * 512 <= CS:
+        pytest.skip("the file system cannot reserve blocks")
+    assert st.st_size == CS
+    assert 100 * CS <= st.st_blocks * 512 <= 101 * CS  # 1 MiB wanted, cut to the pool limit
+    engine.write(1, pattern(2 * CS, 2), CS)
+    assert os.fstat(file_fd).st_blocks * 512 == st.st_blocks * 512  # inside the reservation
+    assert engine.trim_free_tail() == 3
+    assert os.fstat(file_fd).st_blocks * 512 <= 3 * CS
+    assert engine.pread(1, CS, 0) == pattern(CS, 1)
+
+
 # -- introspection -------------------------------------------------------------------------
 
 
