@@ -441,8 +441,9 @@ class Engine:
             n = self._nslots
             while n and n in free:
                 n -= 1
-            if n == self._nslots and self._prealloc_end:
-                # Truncating to the same size frees the blocks reserved past the end.
+            if n == self._nslots:
+                # Truncating to the same size frees blocks reserved past the end, this
+                # session's or those a crash left behind.
                 os.ftruncate(self._fd, os.fstat(self._fd).st_size)
                 self._prealloc_end = 0
             elif n < self._nslots:

@@ -2321,8 +2321,9 @@ cdef class Engine:
             n = st.nslots
             while n and is_free(st, <uint32_t>n):
                 n -= 1
-            if n == st.nslots and st.prealloc_end and fstat(st.fd, &sb) == 0:
-                # Truncating to the same size frees the blocks reserved past the end.
+            if n == st.nslots and fstat(st.fd, &sb) == 0:
+                # Truncating to the same size frees blocks reserved past the end, this
+                # session's or those a crash left behind.
                 rc = ftruncate(st.fd, sb.st_size)
                 if rc < 0:
                     rc = errno

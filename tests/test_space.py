@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -88,6 +90,25 @@ def test_a_growing_pool_reserves_blocks_ahead_and_close_gives_them_back(disk_sto
     s = disk_store()
     assert s.mounts("a").pread(1, 0) == b"x" and s.mounts("b").pread(1, 0) == b"y"
     assert s.check().ok
+
+
+def test_close_gives_back_a_reservation_that_a_crash_left_behind(engine, tmp_path):
+    path = tmp_path / "store"
+    crash = (
+        "import os, cowstore\n"
+        f"s = cowstore.open({str(path)!r}, create=True, chunk_size={CHUNK}, engine={engine!r})\n"
+        "s.prepare('a').pwrite(b'x' * 4096, 0)\n"
+        "s.flush()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash], check=True)
+    data = path / "data"
+    if os.stat(data).st_blocks * 512 < 1 << 20:
+        pytest.skip("the file system cannot reserve blocks")
+    s = cowstore.open(path, engine=engine)
+    assert s.mounts("a").pread(4, 0) == b"xxxx"
+    s.close()
+    assert os.stat(data).st_blocks * 512 <= os.stat(data).st_size + 4096
 
 
 def _can_preallocate(path) -> bool:
