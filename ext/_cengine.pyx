@@ -1691,7 +1691,6 @@ cdef class Engine:
                 bits = NULL
                 fresh = NULL
                 st.slot_cap = n + 1
-                st.freebit_ready = 1
                 st.nslots = n
                 if fstat(st.fd, &sb) == 0:
                     view_grow(st, <uint64_t>sb.st_size)
