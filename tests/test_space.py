@@ -77,10 +77,7 @@ def test_a_growing_pool_reserves_blocks_ahead_and_close_gives_them_back(disk_sto
     data = tmp_path / "store" / "data"
     s = disk_store()
     s.prepare("a").pwrite(b"x" * CHUNK, 0)
-    reserved = os.stat(data).st_blocks * 512
-    if reserved < 1 << 20:
-        assert not _can_preallocate(data), f"only {reserved} bytes allocated for a growing pool"
-        pytest.skip("the file system cannot reserve blocks")
+    reserved = _require_reservation(data)
     assert os.stat(data).st_size == CHUNK
     s.prepare("b").pwrite(b"y" * CHUNK, 0)
     assert os.stat(data).st_blocks * 512 == reserved  # the second chunk's blocks were reserved
@@ -103,20 +100,26 @@ def test_close_gives_back_a_reservation_that_a_crash_left_behind(engine, tmp_pat
     )
     subprocess.run([sys.executable, "-c", crash], check=True)
     data = path / "data"
-    if os.stat(data).st_blocks * 512 < 1 << 20:
-        pytest.skip("the file system cannot reserve blocks")
+    _require_reservation(data)
     s = cowstore.open(path, engine=engine)
     assert s.mounts("a").pread(4, 0) == b"xxxx"
     s.close()
     assert os.stat(data).st_blocks * 512 <= os.stat(data).st_size + 4096
 
 
-def _can_preallocate(path) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return cowstore._fs.preallocate(fd, 0, 1 << 20)
-    finally:
-        os.close(fd)
+def _require_reservation(data) -> int:
+    """The bytes allocated to the data file, which holds a reservation of at least 1 MiB;
+    skips where the file system cannot reserve blocks at all."""
+    allocated = os.stat(data).st_blocks * 512
+    if allocated < 1 << 20:
+        fd = os.open(data, os.O_RDWR)
+        try:
+            can = cowstore._fs.preallocate(fd, 0, 1 << 20)
+        finally:
+            os.close(fd)
+        assert not can, f"only {allocated} bytes allocated for a growing pool"
+        pytest.skip("the file system cannot reserve blocks")
+    return allocated
 
 
 def test_check_of_a_healthy_store_is_clean(store):
