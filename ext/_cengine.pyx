@@ -690,6 +690,11 @@ cdef int st_pwrite(State *st, const unsigned char *buf, uint64_t n, uint64_t off
     return 0
 
 
+cdef inline bint copies_in(State *st, uint32_t slot, uint64_t n, uint64_t off) noexcept nogil:
+    """An overwrite of bytes the file holds in `slot` goes through the mapping."""
+    return st.view_writable and off + n <= st.file_size and is_fresh(st, slot)
+
+
 cdef int st_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint64_t n, uint64_t off,
                       Err *err) noexcept nogil:
     """Overwrite bytes the file already holds (so no fault can mean a full disk) in `slot`.
@@ -698,7 +703,7 @@ cdef int st_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint64
     the copy leaves it torn anywhere, but in a slot that no durable map names. Any other
     slot is written by pwrite, which a kill leaves applied by whole pages. A copy that
     faults (a failing disk) is EIO, as pwrite would report it."""
-    if st.view_writable and off + n <= st.file_size and is_fresh(st, slot):
+    if copies_in(st, slot, n, off):
         if cs_guarded_copy(st.view + off, buf, n) == 0:
             return 0
         err.kind = E_OS
@@ -1155,9 +1160,9 @@ cdef int overwrite_locked(State *st, int64_t key, bint fits, int64_t off, int64_
         slot &= SLOT_MASK
     elif sums(st, page)[chunk % st.pe]:
         return 0
-    if slot == 0 or st.refs[slot] != 1 or not is_fresh(st, slot):
+    if slot == 0 or st.refs[slot] != 1:
         return 0
-    if (<uint64_t>slot - 1) * st.cs + within + <uint64_t>n > st.file_size:
+    if not copies_in(st, slot, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within):
         return 0
     if <uint64_t>n == st.cs and is_zero(data, <uint64_t>n):
         return 0
