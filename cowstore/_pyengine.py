@@ -441,14 +441,12 @@ class Engine:
             n = self._nslots
             while n and n in free:
                 n -= 1
-            if n == self._nslots:
-                # Truncating to the same size frees blocks reserved past the end, this
-                # session's or those a crash left behind.
-                os.ftruncate(self._fd, os.fstat(self._fd).st_size)
-                self._prealloc_end = 0
-            elif n < self._nslots:
-                os.ftruncate(self._fd, n * self._cs)
-                self._prealloc_end = 0
+            # Truncating, even to the same size, also frees blocks reserved past the end,
+            # this session's or those a crash left behind.
+            shrinks = n < self._nslots
+            os.ftruncate(self._fd, n * self._cs if shrinks else os.fstat(self._fd).st_size)
+            self._prealloc_end = 0
+            if shrinks:
                 self._free = [s for s in self._free if s <= n]
                 del self._refs[n + 1 :]
                 self._nslots = n

@@ -2315,7 +2315,7 @@ cdef class Engine:
         back blocks reserved past the end; returns the pool size."""
         cdef State *st = &self.st
         cdef struct_stat sb
-        cdef uint64_t n
+        cdef uint64_t n, target = 0
         cdef size_t i, j
         cdef uint32_t s
         cdef int rc = 0
@@ -2325,32 +2325,33 @@ cdef class Engine:
             n = st.nslots
             while n and is_free(st, <uint32_t>n):
                 n -= 1
-            if n == st.nslots and fstat(st.fd, &sb) == 0:
-                # Truncating to the same size frees blocks reserved past the end, this
-                # session's or those a crash left behind.
-                rc = ftruncate(st.fd, sb.st_size)
-                if rc < 0:
-                    rc = errno
-                st.prealloc_end = 0
-            elif n < st.nslots:
-                rc = ftruncate(st.fd, <off_t>(n * st.cs))
+            # Truncating, even to the same size, also frees blocks reserved past the end,
+            # this session's or those a crash left behind.
+            if n < st.nslots:
+                target = n * st.cs
+            elif fstat(st.fd, &sb) == 0:
+                target = <uint64_t>sb.st_size
+            else:
+                rc = errno
+            if rc == 0:
+                rc = ftruncate(st.fd, <off_t>target)
                 while rc < 0 and errno == EINTR:
-                    rc = ftruncate(st.fd, <off_t>(n * st.cs))
-                if rc < 0:
-                    rc = errno
-                else:
-                    st.file_size = n * st.cs
-                    st.prealloc_end = 0
-                    j = 0
-                    for i in range(st.free.n):
-                        s = st.free.a[i]
-                        if s <= n:
-                            st.free.a[j] = s
-                            j += 1
-                        else:
-                            st.freebit[s >> 3] &= <uint8_t>~(1 << (s & 7))
-                    st.free.n = j
-                    st.nslots = n
+                    rc = ftruncate(st.fd, <off_t>target)
+                rc = errno if rc < 0 else 0
+            if rc == 0:
+                st.prealloc_end = 0
+            if rc == 0 and n < st.nslots:
+                st.file_size = n * st.cs
+                j = 0
+                for i in range(st.free.n):
+                    s = st.free.a[i]
+                    if s <= n:
+                        st.free.a[j] = s
+                        j += 1
+                    else:
+                        st.freebit[s >> 3] &= <uint8_t>~(1 << (s & 7))
+                st.free.n = j
+                st.nslots = n
             pthread_rwlock_unlock(&self.lock)
         if rc:
             raise OSError(rc, _strerror(rc))
