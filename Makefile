@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider
-	COWSTORE_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_backend.py
+	COWSTORE_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/engine/test_selection.py
 
 bench: $(STAMP)
 	bash .ci/install-tools
@@ -37,9 +37,9 @@ sanitize: $(STAMP)
 	COWSTORE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1" \
 		$(PY) setup.py -q build_ext --inplace --force
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 LD_PRELOAD="$(SANITIZE_LIBS)" COWSTORE_REQUIRE_EXTENSION=1 \
-		$(PY) -m pytest -q -p no:cacheprovider -k "not python" tests/test_engine_parity.py tests/test_snapshotter.py \
-		tests/test_volume.py tests/test_model.py tests/test_concurrency.py tests/test_bad_input.py; \
+		$(PY) -m pytest -q -p no:cacheprovider -k "not python" tests/engine tests/store/test_snapshotter.py \
+		tests/store/test_volume.py tests/store/test_model.py tests/store/test_concurrency.py tests/store/test_bad_input.py; \
 		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info cowstore/*.so ext/*.c
+	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so ext/*.c

@@ -11,7 +11,7 @@ setup(
     ext_modules=cythonize(
         [
             Extension(
-                "cowstore._cengine",
+                "cowstore.engines._cengine",
                 ["ext/_cengine.pyx"],
                 extra_compile_args=["-O3", *extra],
                 extra_link_args=extra,

@@ -16,7 +16,7 @@ import pytest
 
 import cowstore
 from benchmarks import peers, results
-from cowstore import _backend
+from cowstore import engines
 
 ENGINES = ("cython", "python")
 
@@ -24,7 +24,7 @@ ENGINES = ("cython", "python")
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     """An engine name; the Cython one is skipped when it is not built."""
-    if request.param not in _backend.ENGINES:
+    if request.param not in engines.ENGINES:
         pytest.skip("the Cython extension is not built")
     return request.param
 
@@ -92,7 +92,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     meta = {
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engines": sorted(_backend.ENGINES),
+        "engines": sorted(engines.ENGINES),
         "cowstore": cowstore.__version__,
         "platform": platform.platform(),
         "build": BUILD,

@@ -68,10 +68,10 @@ def build_identity() -> dict[str, str | None]:
         )
         ident["commit"] = done.stdout.strip() or None
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     ident["sources"] = digest.hexdigest()[:16]
-    ext = next(package.glob("_cengine*.so"), None)
+    ext = next(package.glob("engines/_cengine*.so"), None)
     if ext is not None:
         ident["extension"] = hashlib.sha256(ext.read_bytes()).hexdigest()[:16]
     return ident

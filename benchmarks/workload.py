@@ -198,7 +198,7 @@ def synth_store(path: Path, mapped: int, *, chunk_size: int = 64 * KiB, key: str
 
     Writing a million 64 KiB chunks would take 64 GiB; metadata costs (prepare, commit, open,
     memory) do not depend on the bytes, so this writes the map pages straight into the
-    metadata (in the format `cowstore._pyengine` documents: a page is `page_entries`
+    metadata (in the format `cowstore.engines.format` documents: a page is `page_entries`
     little-endian uint32 slots then as many uint32 CRC-32 sums; a directory is little-endian
     uint64 page ids) and makes the data file sparse. The sums are those of zero chunks, which
     is what the sparse file reads, so the store also passes `check(data=True)`.

@@ -8,7 +8,7 @@ committed and view kinds); every snapshot is a virtual block device, handed out 
 from __future__ import annotations
 
 from . import errors
-from ._backend import DEFAULT as engine
+from .engines import DEFAULT as engine
 from .errors import Error
 from .store import Store, memory, open
 from .types import Extent, Info, Kind, Usage

@@ -16,7 +16,7 @@ import sys
 from array import array
 from dataclasses import dataclass, field
 
-from ._pyengine import MAX_SLOT, PARTIAL, chunk_sum
+from .engines.format import MAX_SLOT, PARTIAL, chunk_sum
 from .errors import Corruption
 from .metadata import Metadata
 

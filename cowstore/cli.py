@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from . import imageio
+from . import rawimage
 from . import store as store_module
 from .check import CheckReport
 from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
@@ -435,7 +435,7 @@ def _cmd_map(args: argparse.Namespace) -> int:
         while (parent := store.stat(chain[-1]).parent) is not None:
             chain.append(parent)
         size = store.stat(args.key).size
-        found = list(imageio.extents(lambda o, n: store.map(args.key, o, n), size, store.chunk_size))
+        found = list(rawimage.extents(lambda o, n: store.map(args.key, o, n), size, store.chunk_size))
     entries = [
         {
             "start": e.offset,
@@ -482,7 +482,7 @@ def _exists(store: Store, key: str) -> bool:
     return True
 
 
-def _transfer_json(t: imageio.Transfer) -> dict[str, int]:
+def _transfer_json(t: rawimage.Transfer) -> dict[str, int]:
     return dataclasses.asdict(t)
 
 
@@ -491,8 +491,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         if args.commit is not None and _exists(store, args.commit):
             raise AlreadyExists(f"snapshot {args.commit!r} already exists")
-        with _progress(imageio.image_size(args.file), f"import {args.key}") as bar:
-            result = imageio.import_image(
+        with _progress(rawimage.image_size(args.file), f"import {args.key}") as bar:
+            result = rawimage.import_image(
                 store,
                 args.file,
                 args.key,
@@ -519,10 +519,10 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     with (
         _open_store(args) as store,
-        imageio.snapshot_volume(store, args.key) as vol,
+        rawimage.snapshot_volume(store, args.key) as vol,
         _progress(vol.size, f"export {args.key}") as bar,
     ):
-        result = imageio.export_volume(vol, args.file, store.chunk_size, progress=bar)
+        result = rawimage.export_volume(vol, args.file, store.chunk_size, progress=bar)
     if args.json:
         _emit_json({"name": args.key, **_transfer_json(result)})
     else:

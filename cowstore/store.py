@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import _backend, _fs, metadata
+from . import _fs, engines, metadata
 from .check import CheckReport, audit
 from .errors import (
     AlreadyExists,
@@ -192,7 +192,7 @@ class Store:
         self._broken: BaseException | None = None
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
-        module = _backend.engine_module(engine)
+        module = engines.engine_module(engine)
         self._engine = module.Engine(data_fd, self.chunk_size, settings["page_entries"])
         self._volume = volume_class(module)
         self._engine.set_verify(verify_reads)

@@ -76,7 +76,7 @@ from _cengine cimport (
 
 from os import strerror as _strerror
 
-from cowstore._pyengine import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
+from cowstore.engines.format import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
 from cowstore.errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import cowstore
-from cowstore import _backend
+from cowstore import engines
 
 ENGINES = ["cython", "python"]
 CHUNK = 4096
@@ -18,7 +18,7 @@ SIZE = 1 << 20
 def engine(request) -> str:
     """An engine name; the Cython one is required in CI."""
     name = request.param
-    if name not in _backend.ENGINES:
+    if name not in engines.ENGINES:
         if os.environ.get("CI"):
             pytest.fail("the Cython extension is not built, and CI requires it")
         pytest.skip("the Cython extension is not built")

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 import cowstore
 from cowstore import errors
-
-from .conftest import CHUNK, SIZE
+from tests.conftest import CHUNK, SIZE
 
 junk = st.one_of(
     st.none(),

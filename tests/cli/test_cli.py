@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 import cowstore
-from cowstore import cli, imageio
+from cowstore import cli, rawimage
+from tests.conftest import CHUNK, SIZE
 
-from .conftest import CHUNK, SIZE
-
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -557,7 +556,7 @@ def test_holes_are_found_with_seek_data_and_widened_to_chunks(tmp_path):
     sparse_image(image, IMAGE_SIZE, image_pieces())
     fd = os.open(image, os.O_RDONLY)
     try:
-        ranges = list(imageio.data_ranges(fd, IMAGE_SIZE, CHUNK))
+        ranges = list(rawimage.data_ranges(fd, IMAGE_SIZE, CHUNK))
     finally:
         os.close(fd)
     assert ranges == [

@@ -7,12 +7,12 @@ import os
 import warnings
 from types import ModuleType
 
-from . import _pyengine
+from . import python
 
-ENGINES: dict[str, ModuleType] = {"python": _pyengine}
+ENGINES: dict[str, ModuleType] = {"python": python}
 
 try:
-    _cengine = importlib.import_module("cowstore._cengine")
+    _cengine = importlib.import_module("cowstore.engines._cengine")
 except ImportError as exc:
     if os.environ.get("COWSTORE_REQUIRE_EXTENSION"):
         raise ImportError(f"COWSTORE_REQUIRE_EXTENSION is set but the extension is missing: {exc}") from exc
@@ -36,7 +36,7 @@ else:
 
 def engine_module(name: str | None) -> ModuleType:
     """The engine module called `name` ("cython" or "python"); None means the default."""
-    from .errors import InvalidArgument
+    from ..errors import InvalidArgument
 
     name = DEFAULT if name is None else name
     try:

@@ -31,7 +31,7 @@ file system stops, which leaves the backing directory alone and self-contained. 
 writes are held as extents, never as whole files, so sparse files at large offsets cost
 only what was written.
 
-Run by `PowerCutMount` as ``python tests/powercut_fs.py BACKING MOUNTPOINT [--direct-io]``
+Run by `PowerCutMount` as ``python tests/harness/powercut_fs.py BACKING MOUNTPOINT [--direct-io]``
 (``--direct-io`` bypasses the kernel's page cache; shared mmap then fails, as on any
 direct_io FUSE mount, so SQLite needs ``locking_mode=EXCLUSIVE`` there). It reads one
 JSON request a line on its standard input and answers one JSON line on its standard

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import cowstore
-from cowstore import _backend, _pyengine
+from cowstore import engines
+from cowstore.engines import python as _pyengine
 
 
 def test_engine_matches_the_environment():
@@ -30,10 +31,10 @@ def test_pure_python_variable_forces_the_python_engine():
 
 
 def test_both_engines_export_the_same_names():
-    if "cython" not in _backend.ENGINES:
+    if "cython" not in engines.ENGINES:
         assert not os.environ.get("CI"), "CI requires the extension"
         return
-    from cowstore import _cengine
+    from cowstore.engines import _cengine
 
     def public(module):
         return {n for n in dir(module) if not n.startswith("_") and n not in {"annotations"}}

@@ -26,56 +26,18 @@ kinds, SQLite, errors) lives in the store.
 from __future__ import annotations
 
 import os
-import sys
 import threading
-import zlib
 from array import array
 from collections.abc import Sequence
-from typing import NamedTuple
 
-from . import _fs
-from .errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
+from .. import _fs
+from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
+from .format import FULL_BITS as _FULL_BITS
+from .format import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
+from .format import from_le as _from_le
+from .format import to_le as _to_le
 
-PARTIAL = 1 << 31
-"""Flag in a page entry: the chunk is partial (see `SUB_BLOCKS`)."""
-MAX_SLOT = PARTIAL - 1
-SUB_BLOCKS = 32
-"""A copy on write into a chunk that the parent map holds writes only the sub-blocks (1/32 of
-a chunk) the write touches, as qcow2's subclusters do: the entry is flagged PARTIAL, its sum
-field holds the bitmap of the sub-blocks present, and the others read through the parent.
-`seal` fills them in, so committed maps hold whole chunks with sums."""
-_FULL_BITS = (1 << SUB_BLOCKS) - 1
 _PREALLOC_MIN = 1 << 20
-
-
-class Changes(NamedTuple):
-    """What changed since the last `take_changes`: to be made durable, then `release`d."""
-
-    pages: list[tuple[int, bytes]]
-    dead_pages: list[int]
-    maps: list[tuple[int, bytes]]
-    freed: list[int]
-
-
-def _le(a: array) -> bytes:
-    if sys.byteorder == "little":
-        return a.tobytes()
-    b = array(a.typecode, a)
-    b.byteswap()
-    return b.tobytes()
-
-
-def _from_le(typecode: str, blob: bytes) -> array:
-    a = array(typecode)
-    a.frombytes(blob)
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a
-
-
-def chunk_sum(data) -> int:
-    """The checksum kept for a chunk: CRC-32, with 0 (meaning "none yet") kept as 1."""
-    return zlib.crc32(data) or 1
 
 
 class _Page:
@@ -425,7 +387,7 @@ class Engine:
     def refcounts(self) -> bytes:
         """Slot refcounts as little-endian uint32, index 0 unused: for `Store.check`."""
         with self._lock:
-            return _le(self._refs)
+            return _to_le(self._refs)
 
     def take_free(self) -> list[int]:
         """Take every free slot out of circulation (to punch holes), ascending; `release` returns them."""
@@ -457,7 +419,7 @@ class Engine:
     def take_changes(self) -> Changes:
         """Hand over everything changed since the last call; the caller makes it durable."""
         with self._lock:
-            pages = [(p.id, _le(p.entries) + _le(p.sums)) for p in self._dirty_pages.values()]
+            pages = [(p.id, _to_le(p.entries) + _to_le(p.sums)) for p in self._dirty_pages.values()]
             maps = [(i, self._directory(self._maps[i])) for i in sorted(self._dirty_maps)]
             changes = Changes(pages, self._dead_pages, maps, self._pending)
             self._dirty_pages = {}
@@ -503,7 +465,7 @@ class Engine:
             raise KeyError(map_id) from None
 
     def _directory(self, m: _Map) -> bytes:
-        return _le(array("Q", [p.id if p is not None else 0 for p in m.pages]))
+        return _to_le(array("Q", [p.id if p is not None else 0 for p in m.pages]))
 
     def _check_range(self, m: _Map, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > m.nchunks * self._cs:

@@ -10,9 +10,8 @@ import sys
 import pytest
 
 import cowstore
-from cowstore import _backend, errors
-
-from .conftest import CHUNK, SIZE
+from cowstore import engines, errors
+from tests.conftest import CHUNK, SIZE
 
 
 def crash_copy(src, dst):
@@ -49,7 +48,7 @@ def test_reopen_gives_back_every_snapshot_and_byte(disk_store):
 
 @pytest.mark.parametrize("other", ["cython", "python"])
 def test_each_engine_reads_a_store_the_other_wrote(engine, other, tmp_path):
-    if other not in _backend.ENGINES:
+    if other not in engines.ENGINES:
         pytest.skip("the Cython extension is not built")
     with cowstore.open(tmp_path / "s", create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine) as s:
         build_chain(s)

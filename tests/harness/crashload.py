@@ -1,7 +1,7 @@
 """The child side of the crash harness: an endless random workload on an on-disk store.
 
-Run as ``python -m tests.crashload STORE LOG SEED ENGINE`` from the repository root. The
-parent (tests/test_crash.py) kills it with SIGKILL at a random moment, then reopens the
+Run as ``python -m tests.harness.crashload STORE LOG SEED ENGINE`` from the repository root. The
+parent (tests/crash/test_sigkill.py) kills it with SIGKILL at a random moment, then reopens the
 store and checks it against what LOG says happened.
 
 LOG is an append-only file of JSON lines, each written with one ``os.write``:

@@ -11,8 +11,7 @@ import pytest
 
 import cowstore
 from cowstore import errors
-
-from .conftest import CHUNK, SIZE
+from tests.conftest import CHUNK, SIZE
 
 
 def test_stats_count_used_free_pending_and_sharing(store):

@@ -1,14 +1,14 @@
-"""Types of `cowstore._cengine`, the Cython engine: the interface of `cowstore._pyengine`."""
+"""Types of `cowstore.engines._cengine`, the Cython engine: the interface of `cowstore.engines.python`."""
 
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 
-from cowstore._pyengine import PARTIAL as PARTIAL
-from cowstore._pyengine import SUB_BLOCKS as SUB_BLOCKS
-from cowstore._pyengine import Changes as Changes
-from cowstore._pyengine import chunk_sum as chunk_sum
+from cowstore.engines.format import PARTIAL as PARTIAL
+from cowstore.engines.format import SUB_BLOCKS as SUB_BLOCKS
+from cowstore.engines.format import Changes as Changes
+from cowstore.engines.format import chunk_sum as chunk_sum
 from cowstore.errors import Closed as Closed
 from cowstore.errors import Corruption as Corruption
 from cowstore.errors import InvalidArgument as InvalidArgument

@@ -62,9 +62,9 @@ import struct
 import threading
 from collections.abc import Sequence
 
-from . import _nbdproto as P
-from . import errors
-from .types import Kind
+from .. import errors
+from ..types import Kind
+from . import proto as P
 
 __all__ = ["MAX_PAYLOAD", "Server", "serve"]
 

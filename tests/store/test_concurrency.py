@@ -7,7 +7,7 @@ import os
 import random
 import threading
 
-from .conftest import CHUNK
+from tests.conftest import CHUNK
 
 
 def test_threads_writing_reading_and_committing_at_once_stay_consistent(store):

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cowstore import _pyengine
-from cowstore._pyengine import PARTIAL
+from cowstore.engines import python as _pyengine
+from cowstore.engines.format import PARTIAL
 from cowstore.errors import Closed, Corruption, NoSpace
 
 try:
-    from cowstore import _cengine
+    from cowstore.engines import _cengine
 except ImportError:  # pragma: no cover - only without a build
     if os.environ.get("COWSTORE_REQUIRE_EXTENSION"):
         raise
@@ -131,7 +131,7 @@ def public_api(module) -> set[str]:
         if inspect.ismodule(value) or type(value).__name__ == "_Feature":
             continue
         origin = getattr(value, "__module__", None) if inspect.isclass(value) or callable(value) else None
-        if origin is None or origin in {_pyengine.__name__, module.__name__}:
+        if origin is None or origin in {_pyengine.__name__, module.__name__, "cowstore.engines.format"}:
             names.add(name)
     return names
 

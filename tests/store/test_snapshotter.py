@@ -8,8 +8,7 @@ from datetime import timezone
 import pytest
 
 from cowstore import Info, Kind, Usage, errors
-
-from .conftest import CHUNK, SIZE
+from tests.conftest import CHUNK, SIZE
 
 
 def test_prepare_creates_an_active_snapshot_with_default_size(store):

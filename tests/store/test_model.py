@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import cowstore
-from cowstore import _backend, errors
+from cowstore import engines, errors
 
 CHUNK = 4096
 SIZE = 6 * CHUNK + 1000
@@ -160,7 +160,7 @@ def _case(engine: str, on_disk: bool):
         max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
     )
     test = machine.TestCase
-    if engine not in _backend.ENGINES and not os.environ.get("CI"):
+    if engine not in engines.ENGINES and not os.environ.get("CI"):
         test = pytest.mark.skip(reason="the Cython extension is not built")(test)
     return test
 

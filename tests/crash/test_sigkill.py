@@ -30,14 +30,14 @@ from typing import Any
 import pytest
 
 import cowstore
-from cowstore._pyengine import SUB_BLOCKS
+from cowstore.engines.format import SUB_BLOCKS
 from tests.conftest import ENGINES
-from tests.crashload import BREAK_ENV, CHUNK, DATA_OPS, SIZE, payload
+from tests.harness.crashload import BREAK_ENV, CHUNK, DATA_OPS, SIZE, payload
 
 UNIT = CHUNK // SUB_BLOCKS
 """What a write not flushed yet is all or nothing in: a sub-block (see `differences`)."""
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STRESS = bool(os.environ.get("COWSTORE_STRESS"))
 KILLS = int(os.environ.get("COWSTORE_CRASH_KILLS", 50))
 STRESS_KILLS = int(os.environ.get("COWSTORE_CRASH_KILLS", 2000))
@@ -258,7 +258,7 @@ def kill_child(
     err = log.with_suffix(".stderr")
     with open(err, "wb") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tests.crashload", str(store), str(log), str(seed), engine],
+            [sys.executable, "-m", "tests.harness.crashload", str(store), str(log), str(seed), engine],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,

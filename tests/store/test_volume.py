@@ -10,8 +10,7 @@ import pytest
 
 import cowstore
 from cowstore import Extent, errors
-
-from .conftest import CHUNK
+from tests.conftest import CHUNK
 
 
 def test_unaligned_writes_across_chunks_read_back(store):

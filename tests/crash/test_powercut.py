@@ -1,18 +1,18 @@
 """Power cuts: a file system that forgets every change not yet fsynced, and cowstore on it.
 
-SIGKILL (tests/test_crash.py) leaves the page cache intact, so it cannot catch a missing
-or misordered fsync. Here the store lives on tests/powercut_fs.py, a FUSE file system that
+SIGKILL (tests/crash/test_sigkill.py) leaves the page cache intact, so it cannot catch a missing
+or misordered fsync. Here the store lives on tests/harness/powercut_fs.py, a FUSE file system that
 keeps every change in memory until the fsync POSIX requires for it: file contents at
 fsync of the file, names at fsync of their directory. A cut drops the rest, and its
 backing directory is then what a disk would hold after the power loss.
 
 Each round mounts the disk afresh, opens the store, checks it against what the previous
-round left durable, runs tests/crashload.py's random workload in this process, and cuts
+round left durable, runs tests/harness/crashload.py's random workload in this process, and cuts
 the power: between operations, at the n-th fsync from now (before or after it reaches the
 disk), or from a timer thread in the middle of whatever runs. Half the cuts lose every
 unsynced write; the other half first write back a random prefix of each file's unsynced
 writes, as a disk may. Half the mounts bypass the page cache (direct_io). The store
-object is then abandoned, never closed. The verdict is test_crash.py's: everything up to the last durable
+object is then abandoned, never closed. The verdict is test_sigkill.py's: everything up to the last durable
 step exactly; later writes per chunk as some prefix of them in order; a call cut short
 may or may not have happened. The last round's disk is also opened without FUSE.
 """
@@ -36,10 +36,10 @@ from typing import Any
 import pytest
 
 import cowstore
-from tests import crashload
-from tests.crashload import CHUNK, SIZE, EarlyRelease, Workload
-from tests.powercut_fs import PowerCutMount, mounted, unavailable
-from tests.test_crash import Model, differences, observe, replay
+from tests.crash.test_sigkill import Model, differences, observe, replay
+from tests.harness import crashload
+from tests.harness.crashload import CHUNK, SIZE, EarlyRelease, Workload
+from tests.harness.powercut_fs import PowerCutMount, mounted, unavailable
 
 STRESS = bool(os.environ.get("COWSTORE_STRESS"))
 CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 20))

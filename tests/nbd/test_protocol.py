@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 import cowstore
-from cowstore import _nbdproto as P
 from cowstore import errors, nbd
+from cowstore.nbd import proto as P
 
 CHUNK = 64 * 1024
 SIZE = 4 * 1024 * 1024
@@ -856,7 +856,7 @@ def serving_process(path: Path, kill: int = signal.SIGKILL) -> Iterator[tuple[st
     """
     directory = tempfile.mkdtemp(prefix="nbd")
     sock_path = os.path.join(directory, "s")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), *sys.path]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path]))
     proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT, str(path), sock_path], env=env)
     try:
         deadline = time.monotonic() + 20

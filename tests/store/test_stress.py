@@ -11,8 +11,7 @@ import time
 import pytest
 
 from cowstore import errors
-
-from .conftest import CHUNK
+from tests.conftest import CHUNK
 
 
 def _stress(store, seconds: float, nthreads: int = 8) -> None:
