@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import _fs, engines, metadata
 from .check import CheckReport, audit
+from .engines.format import Changes
 from .errors import (
     AlreadyExists,
     Closed,
@@ -24,6 +25,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     Locked,
+    NoSpace,
     NotFound,
 )
 from .filters import compile_filters
@@ -190,6 +192,7 @@ class Store:
         self._lock = threading.RLock()
         self._closed = False
         self._broken: BaseException | None = None
+        self._unsaved: Changes | None = None
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
         module = engines.engine_module(engine)
@@ -288,7 +291,12 @@ class Store:
             self._snapshots[key] = s
             if base is not None:
                 self._children[base.id] = self._children.get(base.id, 0) + 1
-            self._persist(lambda db: metadata.insert_snapshot(db, s.row()))
+
+            def undo() -> None:
+                self._forget(s)
+                self._engine.drop_map(s.id)
+
+            self._persist(lambda db: metadata.insert_snapshot(db, s.row()), undo)
             return self._volume(self, s)
 
     def commit(self, name: str, key: str, *, labels: Mapping[str, str] | None = None) -> None:
@@ -315,13 +323,19 @@ class Store:
             s.dead = True
             del self._snapshots[key]
             self._snapshots[name] = c
-            old_id = s.id
 
             def rows(db):
-                metadata.delete_snapshot(db, old_id)
+                metadata.delete_snapshot(db, s.id)
                 metadata.insert_snapshot(db, c.row())
 
-            self._persist(rows)
+            def undo() -> None:
+                self._engine.clone_map(s.id, c.id)
+                self._engine.drop_map(c.id)
+                del self._snapshots[name]
+                self._snapshots[key] = s
+                s.dead = False
+
+            self._persist(rows, undo)
 
     def remove(self, key: str) -> None:
         """Remove a snapshot of any kind; one with children cannot be removed."""
@@ -331,12 +345,18 @@ class Store:
             s = self._get(key)
             if self._children.get(s.id):
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
+            self._forget(s)
+
+            def undo() -> None:
+                self._snapshots[key] = s
+                s.dead = False
+                if s.parent is not None:
+                    self._children[s.parent.id] = self._children.get(s.parent.id, 0) + 1
+
+            # The map goes once its row is gone for good; a crash in between leaves pages
+            # that no row names, which the next open frees.
+            self._persist(lambda db: metadata.delete_snapshot(db, s.id), undo)
             self._engine.drop_map(s.id)
-            s.dead = True
-            del self._snapshots[key]
-            if s.parent is not None:
-                self._children[s.parent.id] -= 1
-            self._persist(lambda db: metadata.delete_snapshot(db, s.id))
 
     def stat(self, key: str) -> Info:
         _check_key(key)
@@ -367,9 +387,13 @@ class Store:
                     raise InvalidArgument(
                         f"cannot update field {path!r}: only labels and labels.<key> change"
                     )
-            s.labels = labels
-            s.updated = _now()
-            self._persist(lambda db: metadata.update_labels(db, s.id, labels, s.updated))
+            before = s.labels, s.updated
+            s.labels, s.updated = labels, _now()
+
+            def undo() -> None:
+                s.labels, s.updated = before
+
+            self._persist(lambda db: metadata.update_labels(db, s.id, labels, s.updated), undo)
             return s.info()
 
     def usage(self, key: str) -> Usage:
@@ -565,6 +589,8 @@ class Store:
     # -- internals -----------------------------------------------------------
 
     def _extents(self, s: _Snapshot, offset: int, length: int) -> list[Extent]:
+        with self._lock:
+            self._check_open()
         if length == 0:
             return []
         cs = self.chunk_size
@@ -579,6 +605,13 @@ class Store:
             chunk += run
         return extents
 
+    def _forget(self, s: _Snapshot) -> None:
+        """Take a snapshot out of the tables: its handles stop working."""
+        s.dead = True
+        del self._snapshots[s.key]
+        if s.parent is not None:
+            self._children[s.parent.id] -= 1
+
     def _get(self, key: str) -> _Snapshot:
         s = self._snapshots.get(key)
         if s is None:
@@ -591,24 +624,59 @@ class Store:
         if self._broken is not None:
             raise Error(f"store {self._where} failed to persist and must be reopened: {self._broken}")
 
-    def _persist(self, rows) -> None:
+    def _persist(self, rows=None, undo=None) -> None:
         """One durable step: data first, then the metadata naming it, in one transaction.
 
-        Freed slots become reusable only after the transaction that frees them commits.
+        Freed slots become reusable only after the transaction that frees them commits. A
+        step that finds the disk full, or is interrupted (Ctrl-C, SIGTERM), changes nothing
+        durable and leaves the store usable: the engine's changes wait for the next step,
+        `undo` puts back what the caller changed in memory, and the error is raised
+        (`NoSpace` for a full disk). Any other failure may have lost data the engine
+        handed over, so the store is then broken and must be reopened.
         """
         changes = self._engine.take_changes()
+        if self._unsaved is not None:
+            changes = _merged(self._unsaved, changes)
         try:
             if self._durable:
                 self._engine.flush_data()
-            with self._meta.transaction() as db:
-                if rows is not None:
-                    rows(db)
-                metadata.write_changes(db, changes.pages, changes.dead_pages, changes.maps)
+            try:
+                self._commit(changes, rows)
+            except NoSpace:
+                # The blocks reserved ahead of the pool may be what SQLite needs.
+                self._engine.trim_free_tail()
+                self._commit(changes, rows)
+        except (NoSpace, KeyboardInterrupt, SystemExit) as exc:
+            self._unsaved = changes
+            if undo is not None:
+                undo()
+            if isinstance(exc, NoSpace):
+                raise NoSpace(f"{self._where}: no space left to make changes durable ({exc})") from exc
+            raise
         except BaseException as exc:
             self._broken = exc
             raise
+        self._unsaved = None
         self._engine.release(changes.freed)
 
+    def _commit(self, changes: Changes, rows) -> None:
+        with self._meta.transaction() as db:
+            if rows is not None:
+                rows(db)
+            metadata.write_changes(db, changes.pages, changes.dead_pages, changes.maps)
+
+
+def _merged(old: Changes, new: Changes) -> Changes:
+    """Changes a failed step held back, followed by later ones: the later state of a page or
+    directory wins, and a page that died since is not written again."""
+    dead = set(new.dead_pages)
+    pages = {i: blob for i, blob in old.pages if i not in dead}
+    pages.update(new.pages)
+    maps = dict(old.maps)
+    maps.update(new.maps)
+    return Changes(
+        list(pages.items()), old.dead_pages + new.dead_pages, list(maps.items()), old.freed + new.freed
+    )
 
 def _lock(path: Path) -> int:
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

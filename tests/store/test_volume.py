@@ -182,6 +182,8 @@ def test_a_volume_that_outlives_its_store_cannot_touch_the_data(engine, tmp_path
         vol.pwrite(b"late", 10)
     with pytest.raises(errors.Closed):
         vol.pread(4, 0)
+    with pytest.raises(errors.Closed):
+        vol.block_status()
     assert (path / "data").read_bytes() == before
     with cowstore.open(path, engine=engine) as again:
         assert again.mounts("a").pread(CHUNK, 0) == b"x" * CHUNK
