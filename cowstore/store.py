@@ -548,13 +548,19 @@ class Store:
         self.max_bytes = max_bytes
 
     def _reclaim(self) -> bool:
-        """After `NoSpace`: make pending frees durable; true if that freed anything."""
+        """After `NoSpace`: make pending frees durable and give back the blocks reserved
+        ahead of the pool; true if that made room, so the write may retry once."""
         with self._lock:
             self._check_open()
-            if not self._engine.stats()["pending"]:
-                return False
-            self._persist(None)
-            return True
+            made_room = False
+            if self._engine.stats()["pending"]:
+                self._persist(None)
+                made_room = True
+            if self._durable:
+                before = os.fstat(self._data_fd).st_blocks
+                self._engine.trim_free_tail()
+                made_room = made_room or os.fstat(self._data_fd).st_blocks < before
+            return made_room
 
     def flush(self) -> None:
         """Make every write before this call durable."""

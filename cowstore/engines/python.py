@@ -25,6 +25,7 @@ kinds, SQLite, errors) lives in the store.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from array import array
@@ -558,12 +559,16 @@ class Engine:
     def _preallocate(self) -> None:
         """Reserve blocks past the pool's new end, as much as the pool holds (from 1 MiB),
         within the step and the pool's limit: writes into them skip the file system's
-        allocation. A failure only means no reservation."""
+        allocation. The reservation never takes the file system's last free space: it leaves
+        at least the step free. A failure only means no reservation."""
         cs = self._cs
         start = max((self._nslots - 1) * cs, self._prealloc_end)
         length = min(max(start, _PREALLOC_MIN), self._prealloc_step, max(self._max_slots * cs - start, 0))
         length = -(-length // cs) * cs
         if length:
+            st = os.fstatvfs(self._fd)
+            if st.f_bavail * st.f_frsize - length < self._prealloc_step:
+                return
             _fs.preallocate(self._fd, start, length)
         self._prealloc_end = start + length
 
@@ -629,12 +634,15 @@ class Engine:
                     edge = bytearray(end - start)
                     self._read_parent(m, chunk, start, memoryview(edge))
                     self._pwrite(edge, base + start)
+            # The entry claims the new sub-blocks only once their bytes are written.
+            self._pwrite(piece, base + within)
             bits |= self._bits(lo, hi)
             whole = bits == _FULL_BITS
             page.entries[i] = entry & MAX_SLOT if whole else entry
             page.sums[i] = 0 if whole else bits
             self._dirty_pages[page.id] = page
-        elif page.sums[i]:
+            return
+        if page.sums[i]:
             page.sums[i] = 0
             self._dirty_pages[page.id] = page
         self._pwrite(piece, base + within)
@@ -704,7 +712,12 @@ class Engine:
     def _pwrite(self, data, offset: int) -> None:
         mv = memoryview(data)
         while len(mv):
-            done = os.pwrite(self._fd, mv, offset)
+            try:
+                done = os.pwrite(self._fd, mv, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise NoSpace(f"the file system holding the data file is full: {exc.strerror}") from None
+                raise
             mv = mv[done:]
             offset += done
 

@@ -23,6 +23,8 @@ from cowstore import errors
 KiB, MiB = 1 << 10, 1 << 20
 FS_SIZE = 48 * MiB
 VOLUME = 64 * MiB
+WRITTEN = 24 * MiB
+"""How much of the volume a test writes in all: what the file system holds once it is freed."""
 
 
 def _need_loop_mounts() -> None:
@@ -115,7 +117,7 @@ def test_a_full_file_system_fails_writes_and_flushes_with_nospace_and_loses_noth
         assert vol.pread(offset, 0) == model[:offset], "an acknowledged write changed"
         os.unlink(filler)
         store.flush()
-        while offset < VOLUME:
+        while offset < WRITTEN:
             block = rng.randbytes(MiB)
             vol.pwrite(block, offset)
             model[offset : offset + MiB] = block
