@@ -199,6 +199,10 @@ def delete_snapshot(db: sqlite3.Connection, snapshot_id: int) -> None:
     db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
 
+def rename_snapshot(db: sqlite3.Connection, snapshot_id: int, key: str, updated: int) -> None:
+    db.execute("UPDATE snapshots SET key = ?, updated = ? WHERE id = ?", (key, updated, snapshot_id))
+
+
 def update_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, str], updated: int) -> None:
     db.execute(
         "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",

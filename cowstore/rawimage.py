@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import Error, InvalidArgument
-from .store import Store
+from .errors import AlreadyExists, Error, InvalidArgument, NoSpace
+from .store import IMPORTING, Store
 from .types import Extent
 from .volume import Volume
 
@@ -182,11 +184,34 @@ def _copy_in(
 
 def image_size(path: str | os.PathLike[str]) -> int:
     """The size of a file or block device, in bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = _open_image(os.fspath(path))
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+def _open_image(path: str) -> int:
+    """A raw image opened for reading: a regular file or a block device, whose size is known."""
+    # O_NONBLOCK: opening a fifo must not wait for a writer before it is refused.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise InvalidArgument(f"{path} is {_kind(mode)}, not a raw image (a regular file or a block device)")
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def import_image(
@@ -196,38 +221,58 @@ def import_image(
     *,
     parent: str | None = None,
     labels: dict[str, str] | None = None,
+    commit: str | None = None,
     progress: Progress | None = None,
 ) -> Transfer:
-    """Read a raw image into the new active snapshot `key`, of the file's exact size.
+    """Read a raw image into the new active snapshot `key`, of the file's exact size, or with
+    `commit`, into the committed snapshot of that name (`key` is then only its working name).
 
-    With `parent`, `key` is the parent's child (and has its size, which must be at least the
-    file's): the file's bytes replace the parent's from offset 0, chunks equal to the
-    parent's stay shared, and bytes past the end of the file keep the parent's contents.
-    If anything fails, `key` is removed again.
+    With `parent`, the snapshot is the parent's child (and has its size, which must be at
+    least the file's): the file's bytes replace the parent's from offset 0, chunks equal to
+    the parent's stay shared, and bytes past the end of the file keep the parent's contents.
+
+    All or nothing: the bytes go into a snapshot under a temporary key, which takes its name
+    only once the import is complete and durable. An error, a full disk or an interruption
+    (Ctrl-C, or SIGTERM raised as SystemExit) removes it again; a crash leaves it for the
+    next open of the store to remove.
     """
     path = os.fspath(path)
     progress = progress or _ignore
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if commit is not None and commit == key:
+        raise InvalidArgument(
+            f"the committed name {commit!r} is the key being imported: it needs a name of its own"
+        )
+    for name in (key, commit):
+        if name is not None and store.exists(name):
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+    fd = _open_image(path)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         if size == 0:
             raise InvalidArgument(f"{path} is empty: there is nothing to import")
+        working = IMPORTING + secrets.token_hex(8)
         if parent is not None:
             parent_size = store.stat(parent).size
             if parent_size < size:
                 raise InvalidArgument(
                     f"{path} ({size} bytes) is larger than parent {parent!r} ({parent_size} bytes)"
                 )
-            vol = store.prepare(key, parent, labels=labels)
+            vol = store.prepare(working, parent, labels=None if commit else labels)
         else:
-            vol = store.prepare(key, size=size, labels=labels)
+            vol = store.prepare(working, size=size, labels=None if commit else labels)
         try:
             with vol:
                 result = _copy_in(fd, path, size, vol, store.chunk_size, parent is not None, progress)
                 vol.flush()
-        except BaseException:
+            if commit is not None:
+                store.commit(commit, working, labels=labels)
+            else:
+                store.rename(working, key)
+        except BaseException as exc:
             with contextlib.suppress(Error):
-                store.remove(key)
+                store.remove(working)
+            if isinstance(exc, NoSpace):
+                raise NoSpace(f"import of {path}: {exc}") from exc
             raise
         return result
     finally:
@@ -235,47 +280,96 @@ def import_image(
 
 
 def export_volume(
-    vol: Volume, path: str | os.PathLike[str], chunk_size: int, *, progress: Progress | None = None
+    vol: Volume,
+    path: str | os.PathLike[str],
+    chunk_size: int,
+    *,
+    replace: bool = False,
+    progress: Progress | None = None,
 ) -> Transfer:
-    """Write the volume to a raw image at `path`, replacing it.
+    """Write the volume to a raw image at `path`; "-" is standard output.
 
-    A regular file is written sparse: unallocated and all-zero chunks are skipped and the
-    file is truncated to the volume's size. Anything else (a block device) gets every byte.
+    A regular file is written sparse (unallocated and all-zero chunks are skipped, and the
+    file gets the volume's size) under a temporary name beside it, which replaces `path`
+    only once it is complete and fsynced: an interrupted export leaves nothing under the
+    final name. Anything else (a block device, a pipe) gets every byte in order. An existing
+    `path` is refused unless `replace`.
     """
     progress = progress or _ignore
-    result = Transfer(size=vol.size)
-    buf = memoryview(bytearray(chunk_size))
-    zeros = bytes(chunk_size)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    if os.fspath(path) == "-":
+        return _export_to(vol, sys.stdout.fileno(), chunk_size, False, progress)
+    path = os.fspath(path)
     try:
-        sparse = stat.S_ISREG(os.fstat(fd).st_mode)
-        for ext in extents(vol.block_status, vol.size, chunk_size):
-            if sparse and ext.zero:
-                result.skipped += ext.length
-                progress(ext.length)
-                continue
-            for off, n in _pieces(ext.offset, ext.offset + ext.length, chunk_size):
-                if ext.zero:
-                    piece = memoryview(zeros)[:n]
-                else:
-                    piece = buf[:n]
-                    vol.preadinto(piece, off)
-                if sparse and _is_zero(piece, zeros):
-                    result.skipped += n
-                else:
-                    _write_all(fd, piece, off)
-                    result.written += n
-                progress(n)
-        if sparse:
-            os.ftruncate(fd, vol.size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not replace:
+        raise AlreadyExists(f"{path} exists: replace it only on purpose (--force)")
+    if mode is not None and not stat.S_ISREG(mode):
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            return _export_to(vol, fd, chunk_size, False, progress)
+        finally:
+            os.close(fd)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.export-{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            result = _export_to(vol, fd, chunk_size, True, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
     return result
 
 
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
+def _export_to(vol: Volume, fd: int, chunk_size: int, sparse: bool, progress: Progress) -> Transfer:
+    """The volume's bytes into `fd`: sparse into a regular file, else every byte in order."""
+    result = Transfer(size=vol.size)
+    buf = memoryview(bytearray(chunk_size))
+    zeros = bytes(chunk_size)
+    for ext in extents(vol.block_status, vol.size, chunk_size):
+        if sparse and ext.zero:
+            result.skipped += ext.length
+            progress(ext.length)
+            continue
+        for off, n in _pieces(ext.offset, ext.offset + ext.length, chunk_size):
+            if ext.zero:
+                piece = memoryview(zeros)[:n]
+            else:
+                piece = buf[:n]
+                vol.preadinto(piece, off)
+            if sparse and _is_zero(piece, zeros):
+                result.skipped += n
+            else:
+                _write_all(fd, piece, off if sparse else None)
+                result.written += n
+            progress(n)
+    if sparse:
+        os.ftruncate(fd, vol.size)
+    return result
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, view: memoryview, offset: int | None) -> None:
+    """All of `view` at `offset`, or at the file position (a pipe, a device) for None."""
     while len(view):
-        done = os.pwrite(fd, view, offset)
+        if offset is None:
+            done = os.write(fd, view)
+        else:
+            done = os.pwrite(fd, view, offset)
+            offset += done
         view = view[done:]
-        offset += done

@@ -48,6 +48,10 @@ the pool holds up to this much (as XFS does for a growing file): a first write i
 chunk then skips the file system's block allocation (about 30 % of a 4 KiB write on ext4).
 `close` gives back what is left unused."""
 
+IMPORTING = "cowstore.importing/"
+"""Imports in progress write under a key that starts with this, and give the snapshot its
+name only once complete; opening a store removes those a crash left behind."""
+
 DATA_FILE = "data"
 META_FILE = "meta.sqlite"
 LOCK_FILE = "lock"
@@ -209,6 +213,10 @@ class Store:
         self._load()
         self.max_bytes: int | None = None
         self._set_max_bytes(settings.get("max_bytes") or None)
+        for key in [
+            k for k, s in self._snapshots.items() if k.startswith(IMPORTING) and s.kind is Kind.ACTIVE
+        ]:
+            self.remove(key)
 
     def __repr__(self) -> str:
         return f"<cowstore.Store {self._where} chunk_size={self.chunk_size} engine={self.engine}>"
@@ -357,6 +365,40 @@ class Store:
             # that no row names, which the next open frees.
             self._persist(lambda db: metadata.delete_snapshot(db, s.id), undo)
             self._engine.drop_map(s.id)
+
+    def rename(self, key: str, new_key: str) -> None:
+        """Give an active snapshot or a view the key `new_key`. Volumes already open keep
+        working (under the old key in messages). Committed snapshots keep their names:
+        children and containerd refer to them."""
+        _check_key(key)
+        _check_key(new_key, "new key")
+        with self._lock:
+            self._check_open()
+            s = self._get(key)
+            if s.kind is Kind.COMMITTED:
+                raise FailedPrecondition(
+                    f"snapshot {key!r} is committed: only active snapshots and views rename"
+                )
+            if new_key in self._snapshots:
+                raise AlreadyExists(f"snapshot {new_key!r} already exists")
+            before = s.updated
+            del self._snapshots[key]
+            s.key, s.updated = new_key, _now()
+            self._snapshots[new_key] = s
+
+            def undo() -> None:
+                del self._snapshots[new_key]
+                s.key, s.updated = key, before
+                self._snapshots[key] = s
+
+            self._persist(lambda db: metadata.rename_snapshot(db, s.id, new_key, s.updated), undo)
+
+    def exists(self, key: str) -> bool:
+        """Whether a snapshot of any kind has this key (or name)."""
+        _check_key(key)
+        with self._lock:
+            self._check_open()
+            return key in self._snapshots
 
     def stat(self, key: str) -> Info:
         _check_key(key)
@@ -683,6 +725,7 @@ def _merged(old: Changes, new: Changes) -> Changes:
     return Changes(
         list(pages.items()), old.dead_pages + new.dead_pages, list(maps.items()), old.freed + new.freed
     )
+
 
 def _lock(path: Path) -> int:
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
