@@ -679,8 +679,8 @@ class Store:
         step that finds the disk full, or is interrupted (Ctrl-C, SIGTERM), changes nothing
         durable and leaves the store usable: the engine's changes wait for the next step,
         `undo` puts back what the caller changed in memory, and the error is raised
-        (`NoSpace` for a full disk). Any other failure may have lost data the engine
-        handed over, so the store is then broken and must be reopened.
+        (`NoSpace` for a full disk). A failed fsync of the data or a failing database may
+        have lost what the engine handed over: the store is then broken, to be reopened.
         """
         changes = self._engine.take_changes()
         if self._unsaved is not None:
@@ -694,15 +694,15 @@ class Store:
                 # The blocks reserved ahead of the pool may be what SQLite needs.
                 self._engine.trim_free_tail()
                 self._commit(changes, rows)
-        except (NoSpace, KeyboardInterrupt, SystemExit) as exc:
+        except BaseException as exc:
+            if isinstance(exc, (OSError, Error)) and not isinstance(exc, NoSpace):
+                self._broken = exc
+                raise
             self._unsaved = changes
             if undo is not None:
                 undo()
             if isinstance(exc, NoSpace):
                 raise NoSpace(f"{self._where}: no space left to make changes durable ({exc})") from exc
-            raise
-        except BaseException as exc:
-            self._broken = exc
             raise
         self._unsaved = None
         self._engine.release(changes.freed)
