@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import _fs, engines, metadata
+from . import engines, fallocate, metadata
 from .check import CheckReport, audit
 from .errors import (
     AlreadyExists,
@@ -108,6 +108,17 @@ class _Snapshot:
             self.size,
             directory,
         )
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Ascending slots as runs of (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
 
 
 def _now() -> int:
@@ -507,8 +518,8 @@ class Store:
             freed = before - os.fstat(self._data_fd).st_size
             free = self._engine.take_free()
             try:
-                for first, count in _fs.ranges(free):
-                    if first <= slots and _fs.punch_hole(
+                for first, count in _runs(free):
+                    if first <= slots and fallocate.punch_hole(
                         self._data_fd, (first - 1) * self.chunk_size, count * self.chunk_size
                     ):
                         freed += count * self.chunk_size

@@ -30,7 +30,7 @@ import threading
 from array import array
 from collections.abc import Sequence
 
-from .. import _fs
+from .. import fallocate as _fs
 from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .format import FULL_BITS as _FULL_BITS
 from .format import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum

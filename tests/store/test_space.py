@@ -113,7 +113,7 @@ def _require_reservation(data) -> int:
     if allocated < 1 << 20:
         fd = os.open(data, os.O_RDWR)
         try:
-            can = cowstore._fs.preallocate(fd, 0, 1 << 20)
+            can = cowstore.fallocate.preallocate(fd, 0, 1 << 20)
         finally:
             os.close(fd)
         assert not can, f"only {allocated} bytes allocated for a growing pool"
