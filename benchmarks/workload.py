@@ -22,8 +22,8 @@ from pathlib import Path
 
 import cowstore
 from cowstore import metadata
+from cowstore.units import KiB, MiB
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WRITE_SIZE = 1 * MiB
 QEMU_IO_STEP = 64 * MiB
 RANDOM_STRIDE = 4 * KiB * 100_003

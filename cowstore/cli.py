@@ -16,22 +16,19 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from . import rawimage
+from . import rawimage, units
 from . import store as store_module
 from .check import CheckReport
 from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
 from .store import Store
 from .types import Info, Kind
+from .units import format_size
 
 PROG = "cowstore"
 STORE_ENV = "COWSTORE_STORE"
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(i?b)?|(b))?", re.IGNORECASE)
 
 
 class UsageError(Exception):
@@ -39,29 +36,11 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "4096", "64K", "1.5GiB", "10G"...: every suffix is a binary multiple (as in qemu-img)."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"invalid size {text!r}: use bytes or a suffix K, M, G, T or P (also KiB, MB...)")
-    unit = _UNITS[(m.group(2) or "").lower()]
+    """`units.parse_size`, with a malformed size as a `UsageError` (a one-line error, exit 1)."""
     try:
-        value = Decimal(m.group(1)) * unit
-    except InvalidOperation:
-        raise UsageError(f"invalid size {text!r}") from None
-    if value != value.to_integral_value():
-        raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def format_size(n: int) -> str:
-    """A byte count for people: "0 B", "512 B", "64 KiB", "1.5 GiB"."""
-    for shift, name in ((50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
-        unit = 1 << shift
-        if n >= unit:
-            value = n / unit
-            text = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-            return f"{text} {name}"
-    return f"{n} B"
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def default_store_path() -> Path:

@@ -30,4 +30,3 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     """Reserve blocks for a byte range of `fd` without changing its size; False where it
     cannot (no support, no space): the caller loses only the speed-up."""
     return _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0
-

@@ -28,9 +28,9 @@ from .errors import (
 )
 from .filters import compile_filters
 from .types import Extent, Info, Kind, Stats, Usage
+from .units import GiB, KiB, MiB
 from .volume import Volume, volume_class
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_CHUNK_SIZE = 64 * KiB
 DEFAULT_SIZE = 10 * GiB
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 * KiB, 1 * MiB
