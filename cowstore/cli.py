@@ -19,8 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import rawimage, units
-from . import store as store_module
+from . import layout, rawimage, units
 from .check import CheckReport
 from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
 from .store import Store
@@ -60,9 +59,9 @@ def _store_path(args: argparse.Namespace) -> Path:
 @contextlib.contextmanager
 def _open_store(args: argparse.Namespace) -> Iterator[Store]:
     path = _store_path(args)
-    if not (path / store_module.META_FILE).exists() and not (path.is_dir() and any(path.iterdir())):
+    if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
-    with store_module.open(path) as store:
+    with layout.open(path) as store:
         yield store
 
 
@@ -194,10 +193,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
     default_size = parse_size(args.default_size) if args.default_size is not None else None
     max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
-    existed = (path / store_module.META_FILE).exists()
+    existed = layout.is_store(path)
     if not existed:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with store_module.open(
+    with layout.open(
         path, create=True, chunk_size=chunk_size, default_size=default_size, max_bytes=max_bytes
     ) as store:
         figures = {
@@ -334,7 +333,7 @@ def _cmd_df(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         infos = list(store.walk())
         stats = store.stats()
-        apparent = os.stat(path / store_module.DATA_FILE).st_size
+        apparent = os.stat(path / layout.DATA_FILE).st_size
     figures: dict[str, Any] = {
         "path": str(path.absolute()),
         "chunk_size": stats.chunk_size,
