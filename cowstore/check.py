@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .engines import format
 from .engines.format import MAX_SLOT, PARTIAL, chunk_sum
 from .errors import Corruption
-from .metadata import Metadata
+from .metadata import Metadata, Row
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def audit(
                 bad.append(Problem(f"parent {parent.key!r} is {parent.kind}, not committed", where))
             elif parent.size != row.size:
                 bad.append(Problem(f"size {row.size} differs from its parent's {parent.size}", where))
-        seen, s = set(), row
+        seen: set[int] = set()
+        s: Row | None = row
         while s is not None and s.parent is not None:
             if s.id in seen:
                 bad.append(Problem("the parent chain has a cycle", where))

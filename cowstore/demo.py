@@ -52,12 +52,12 @@ def build(store: cowstore.Store) -> None:
 
 
 def table(store: cowstore.Store) -> list[tuple[str, ...]]:
-    rows = [("SNAPSHOT", "KIND", "PARENT", "SIZE", "EXCLUSIVE", "SHARED", "DEPTHS")]
+    rows: list[tuple[str, ...]] = [("SNAPSHOT", "KIND", "PARENT", "SIZE", "EXCLUSIVE", "SHARED", "DEPTHS")]
     for info in store.walk():
         extents = store.map(info.name)
         allocated = sum(e.length for e in extents if e.allocated)
         exclusive = store.usage(info.name).size
-        depth_of = {}
+        depth_of: dict[int, int] = {}
         for e in extents:
             if e.allocated:
                 depth_of[e.depth] = depth_of.get(e.depth, 0) + e.length

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from .errors import Corruption, Error, InvalidArgument, NoSpace
 
 FORMAT = "cowstore"
+_SQLITE_FULL = 13
+"""SQLite's result code for a full disk: `sqlite3.SQLITE_FULL` and the exceptions'
+`sqlite_errorcode` are new in Python 3.11, so on 3.10 the message says it instead."""
 FORMAT_VERSION = 1
 
 _SCHEMA = """
@@ -172,7 +175,8 @@ class _Transaction:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
         if issubclass(kind, sqlite3.Error):
-            if getattr(value, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            code = getattr(value, "sqlite_errorcode", None)
+            if code == _SQLITE_FULL or (code is None and "database or disk is full" in str(value)):
                 raise NoSpace(f"the metadata database cannot grow: {value}") from value
             raise Error(f"the metadata database failed: {value}") from value
 

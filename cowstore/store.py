@@ -75,7 +75,8 @@ class _Snapshot:
 
     def chain(self) -> list[int]:
         """Map ids from this snapshot down to its base."""
-        ids, s = [], self
+        ids: list[int] = []
+        s: _Snapshot | None = self
         while s is not None:
             ids.append(s.id)
             s = s.parent

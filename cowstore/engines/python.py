@@ -29,6 +29,7 @@ import os
 import threading
 from array import array
 from collections.abc import Sequence
+from typing import cast
 
 from .. import fallocate as _fs
 from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
@@ -533,7 +534,7 @@ class Engine:
         zero = piece.tobytes().count(0) == len(piece)
         if zero and (old == 0 or len(piece) == self._cs):
             return False
-        page = m.pages[chunk // self._pe]
+        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
         return not (old and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
 
     def _reserve(self, slots: int) -> None:
@@ -574,7 +575,7 @@ class Engine:
         if old == 0 and zero:
             return
         full = n == self._cs
-        page = m.pages[chunk // self._pe]
+        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
         i = chunk % self._pe
         if old and self._refs[old & MAX_SLOT] == 1 and not (full and zero) and page.refs == 1:
             self._write_in_place(m, page, chunk, within, piece)
@@ -582,6 +583,7 @@ class Engine:
         page = self._page_for_write(m, chunk // self._pe)
         old = page.entries[i]
         bits = 0
+        data: memoryview | bytearray
         if full and zero:
             new = 0
         elif old and self._refs[old & MAX_SLOT] == 1:
