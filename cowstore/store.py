@@ -43,7 +43,7 @@ MAX_KEY_LENGTH = 4096
 PREALLOCATE = 64 * MiB
 """A store in a directory reserves data-file blocks ahead of its growing pool, as much as
 the pool holds up to this much (as XFS does for a growing file): a first write into a new
-chunk then skips the file system's block allocation (about 30 % of a 4 KiB write on ext4).
+chunk then skips the file system's block allocation, a large part of a small write's cost.
 `close` gives back what is left unused."""
 
 
