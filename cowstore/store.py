@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -47,31 +48,19 @@ chunk then skips the file system's block allocation, a large part of a small wri
 `close` gives back what is left unused."""
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class _Snapshot:
-    """One snapshot in memory. `id` is also its map's id in the engine."""
+    """One snapshot in memory. `id` is also its map's id in the engine; `dead` once removed."""
 
-    __slots__ = ("created", "dead", "id", "key", "kind", "labels", "parent", "size", "updated")
-
-    def __init__(
-        self,
-        id: int,
-        key: str,
-        kind: Kind,
-        parent: _Snapshot | None,
-        labels: dict[str, str],
-        created: int,
-        updated: int,
-        size: int,
-    ) -> None:
-        self.id = id
-        self.key = key
-        self.kind = kind
-        self.parent = parent
-        self.labels = labels
-        self.created = created
-        self.updated = updated
-        self.size = size
-        self.dead = False
+    id: int
+    key: str
+    kind: Kind
+    parent: _Snapshot | None
+    labels: dict[str, str]
+    created: int
+    updated: int
+    size: int
+    dead: bool = False
 
     def chain(self) -> list[int]:
         """Map ids from this snapshot down to its base."""
