@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from .errors import Corruption, Error, InvalidArgument, NoSpace
 
@@ -146,7 +147,9 @@ class _damage:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if (
             kind is not None
             and issubclass(kind, (sqlite3.DatabaseError, ValueError, TypeError))
@@ -165,7 +168,9 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if kind is None:
             try:
                 self._db.execute("COMMIT")
@@ -210,11 +215,16 @@ def update_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, st
     )
 
 
-def delete_pages(db: sqlite3.Connection, page_ids) -> None:
+def delete_pages(db: sqlite3.Connection, page_ids: Iterable[int]) -> None:
     db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in page_ids])
 
 
-def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> None:
+def write_changes(
+    db: sqlite3.Connection,
+    pages: Iterable[tuple[int, bytes]],
+    dead_pages: Iterable[int],
+    directories: Iterable[tuple[int, bytes]],
+) -> None:
     """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
     db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", [(i, e, zlib.crc32(e)) for i, e in pages])
     delete_pages(db, dead_pages)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -30,6 +30,8 @@ from .units import GiB, KiB, MiB
 from .volume import Volume, volume_class
 
 if TYPE_CHECKING:
+    import sqlite3
+
     from .layout import Backing
 
 DEFAULT_CHUNK_SIZE = 64 * KiB
@@ -310,7 +312,7 @@ class Store:
             self._snapshots[name] = c
             old_id = s.id
 
-            def rows(db):
+            def rows(db: sqlite3.Connection) -> None:
                 metadata.delete_snapshot(db, old_id)
                 metadata.insert_snapshot(db, c.row())
 
@@ -584,7 +586,7 @@ class Store:
         if self._broken is not None:
             raise Error(f"store {self._where} failed to persist and must be reopened: {self._broken}")
 
-    def _persist(self, rows) -> None:
+    def _persist(self, rows: Callable[[sqlite3.Connection], object] | None) -> None:
         """One durable step: data first, then the metadata naming it, in one transaction.
 
         Freed slots become reusable only after the transaction that frees them commits.
