@@ -17,16 +17,11 @@ import pytest
 import cowstore
 from benchmarks import peers, results
 from cowstore import engines
+from tests import conftest as suite
 
-ENGINES = ("cython", "python")
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> str:
-    """An engine name; the Cython one is skipped when it is not built."""
-    if request.param not in engines.ENGINES:
-        pytest.skip("the Cython extension is not built")
-    return request.param
+engine_module = suite.engine_module
+engine = suite.engine
+"""The test suite's one engine fixture: each benchmark runs once per engine."""
 
 
 class Recorder:

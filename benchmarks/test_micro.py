@@ -27,7 +27,8 @@ import pytest
 
 import cowstore
 from benchmarks import peers
-from benchmarks.workload import KiB, MiB, synth_store
+from benchmarks.workload import synth_store
+from cowstore.units import KiB, MiB
 
 CHUNK = 64 * KiB
 VOLUME = 64 * MiB

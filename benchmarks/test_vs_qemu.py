@@ -1,6 +1,6 @@
 """The side-by-side against qemu (benchmarks/vs_qemu.py), run by `make bench` after the micro-benchmarks.
 
-Full size by default (1 GiB, depths 1, 8, 32, 128: about half an hour on 2 cores);
+Full size by default (1 GiB, depths 1, 8, 32, 128), which takes a while;
 `COWSTORE_BENCH_QUICK=1` runs `--quick`, and `COWSTORE_BENCH_ARGS` passes any other
 arguments. Its progress prints as it goes. Outside CI it is skipped when qemu-utils, nbdkit
 or fio is missing.

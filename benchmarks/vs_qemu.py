@@ -43,7 +43,8 @@ if __package__ in (None, ""):
 
 import cowstore
 from benchmarks import peers, results
-from benchmarks.workload import CowChain, GiB, KiB, Layout, MiB, QcowChain, stride_offsets, verify
+from benchmarks.workload import CowChain, Layout, QcowChain, stride_offsets, verify
+from cowstore.units import GiB, KiB, MiB, parse_size
 
 SEQ_BLOCK = 64 * KiB
 RAND_BLOCK = 4 * KiB
@@ -403,14 +404,6 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     return section
-
-
-def parse_size(text: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": GiB}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def _ints(text: str) -> tuple[int, ...]:

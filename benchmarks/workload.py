@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cowstore
-from cowstore import metadata
+from cowstore import layout, metadata
+from cowstore.engines import format
+from cowstore.units import KiB, MiB
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 WRITE_SIZE = 1 * MiB
 QEMU_IO_STEP = 64 * MiB
 RANDOM_STRIDE = 4 * KiB * 100_003
@@ -186,42 +185,36 @@ def verify(layout: Layout, depth: int, reads: dict[str, object], samples: int = 
                 )
 
 
-def _le(a: array) -> bytes:
-    if sys.byteorder != "little":
-        a = array(a.typecode, a)
-        a.byteswap()
-    return a.tobytes()
-
-
 def synth_store(path: Path, mapped: int, *, chunk_size: int = 64 * KiB, key: str = "base") -> str:
     """Make a store whose committed snapshot `key` maps `mapped` chunks, without writing data.
 
     Writing a million 64 KiB chunks would take 64 GiB; metadata costs (prepare, commit, open,
     memory) do not depend on the bytes, so this writes the map pages straight into the
-    metadata (in the format `cowstore.engines.format` documents: a page is `page_entries`
-    little-endian uint32 slots then as many uint32 CRC-32 sums; a directory is little-endian
-    uint64 page ids) and makes the data file sparse. The sums are those of zero chunks, which
-    is what the sparse file reads, so the store also passes `check(data=True)`.
+    metadata (encoded by `cowstore.engines.format`) and makes the data file sparse. The sums
+    are those of zero chunks, which is what the sparse file reads, so the store also passes
+    `check(data=True)`.
     """
     path = Path(path)
     cowstore.open(path, create=True, chunk_size=chunk_size).close()
-    meta = metadata.Metadata(str(path / "meta.sqlite"))
+    meta = metadata.Metadata(str(path / layout.META_FILE))
     try:
         pe = int(meta.settings(str(path))["page_entries"])
-        zero_sum = zlib.crc32(bytes(chunk_size)) or 1
-        pages, directory = [], array("Q")
+        zero_sum = format.chunk_sum(bytes(chunk_size))
+        pages, directory = [], []
         for page_id, first in enumerate(range(0, mapped, pe), start=1):
             n = min(pe, mapped - first)
             entries = array("I", range(first + 1, first + n + 1)) + array("I", bytes(4 * (pe - n)))
             sums = array("I", [zero_sum]) * n + array("I", bytes(4 * (pe - n)))
-            pages.append((page_id, _le(entries) + _le(sums)))
+            pages.append((page_id, format.encode_page(entries, sums)))
             directory.append(page_id)
         now = int(time.time() * 1_000_000)
-        row = metadata.Row(1, key, "committed", None, {}, now, now, mapped * chunk_size, _le(directory))
+        row = metadata.Row(
+            1, key, "committed", None, {}, now, now, mapped * chunk_size, format.encode_directory(directory)
+        )
         with meta.transaction() as db:
             metadata.insert_snapshot(db, row)
             metadata.write_changes(db, pages, [], [])
     finally:
         meta.close()
-    os.truncate(path / "data", mapped * chunk_size)
+    os.truncate(path / layout.DATA_FILE, mapped * chunk_size)
     return key

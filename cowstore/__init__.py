@@ -10,7 +10,8 @@ from __future__ import annotations
 from . import errors
 from .engines import DEFAULT as engine
 from .errors import Error
-from .store import Store, memory, open
+from .layout import memory, open
+from .store import Store
 from .types import Extent, Info, Kind, Usage
 from .volume import Volume, VolumeFile
 

@@ -12,13 +12,13 @@ every referenced chunk back and checks the sums computed at commit (a scrub).
 from __future__ import annotations
 
 import os
-import sys
 from array import array
 from dataclasses import dataclass, field
 
+from .engines import format
 from .engines.format import MAX_SLOT, PARTIAL, chunk_sum
 from .errors import Corruption
-from .metadata import Metadata
+from .metadata import Metadata, Row
 
 
 @dataclass(frozen=True)
@@ -49,14 +49,6 @@ class CheckReport:
     @property
     def leaks(self) -> int:
         return len(self.leaked_slots) + len(self.leaked_pages)
-
-
-def _entries(blob: bytes) -> array:
-    a = array("I")
-    a.frombytes(blob)
-    if sys.byteorder != "little":
-        a.byteswap()
-    return a
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -107,7 +99,8 @@ def audit(
                 bad.append(Problem(f"parent {parent.key!r} is {parent.kind}, not committed", where))
             elif parent.size != row.size:
                 bad.append(Problem(f"size {row.size} differs from its parent's {parent.size}", where))
-        seen, s = set(), row
+        seen: set[int] = set()
+        s: Row | None = row
         while s is not None and s.parent is not None:
             if s.id in seen:
                 bad.append(Problem("the parent chain has a cycle", where))
@@ -118,18 +111,14 @@ def audit(
     page_refs: dict[int, int] = {}
 
     def npages_of(size: int) -> int:
-        chunks = -(-size // chunk_size)
-        return -(-chunks // page_entries)
+        return format.directory_pages(-(-size // chunk_size), page_entries)
 
     for row in rows.values():
         where = f"snapshot {row.key!r}"
-        ids = array("Q")
         if len(row.directory) % 8:
             bad.append(Problem("map directory length is not a multiple of 8", where))
             continue
-        ids.frombytes(row.directory)
-        if sys.byteorder != "little":
-            ids.byteswap()
+        ids = format.decode_directory(row.directory)
         if len(ids) != npages_of(row.size):
             bad.append(Problem(f"map directory has {len(ids)} pages, expected {npages_of(row.size)}", where))
         for page_id in ids:
@@ -147,11 +136,12 @@ def audit(
             report.leaked_pages.append(page_id)
             continue
         where = f"page {page_id}"
-        if len(blob) != 8 * page_entries:
-            bad.append(Problem(f"page has {len(blob)} bytes, expected {8 * page_entries}", where))
+        try:
+            entries, page_sums = format.decode_page(blob, page_entries)
+        except ValueError as exc:
+            bad.append(Problem(str(exc), where))
             continue
-        half = 4 * page_entries
-        for entry, crc in zip(_entries(blob[:half]), _entries(blob[half:]), strict=True):
+        for entry, crc in zip(entries, page_sums, strict=True):
             slot = entry & MAX_SLOT
             if slot == 0:
                 continue
@@ -174,7 +164,7 @@ def audit(
     report.referenced_slots = sum(1 for r in refs if r)
 
     if engine_refs is not None:
-        held = _entries(engine_refs)
+        held = format.from_le("I", engine_refs)
         for slot in range(1, max(len(held), len(refs))):
             want = refs[slot] if slot < len(refs) else 0
             have = held[slot] if slot < len(held) else 0

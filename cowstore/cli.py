@@ -16,22 +16,21 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from . import rawimage
-from . import store as store_module
+from . import layout, rawimage, units
 from .check import CheckReport
 from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
 from .store import Store
 from .types import Info, Kind
+from .units import format_size
 
 PROG = "cowstore"
 STORE_ENV = "COWSTORE_STORE"
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgtp])(i?b)?|(b))?", re.IGNORECASE)
+
+Handler = TypeVar("Handler", bound=Callable[[argparse.Namespace], int])
 
 
 class UsageError(Exception):
@@ -39,29 +38,11 @@ class UsageError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "4096", "64K", "1.5GiB", "10G"...: every suffix is a binary multiple (as in qemu-img)."""
-    m = _SIZE_RE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"invalid size {text!r}: use bytes or a suffix K, M, G, T or P (also KiB, MB...)")
-    unit = _UNITS[(m.group(2) or "").lower()]
+    """`units.parse_size`, with a malformed size as a `UsageError` (a one-line error, exit 1)."""
     try:
-        value = Decimal(m.group(1)) * unit
-    except InvalidOperation:
-        raise UsageError(f"invalid size {text!r}") from None
-    if value != value.to_integral_value():
-        raise UsageError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def format_size(n: int) -> str:
-    """A byte count for people: "0 B", "512 B", "64 KiB", "1.5 GiB"."""
-    for shift, name in ((50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
-        unit = 1 << shift
-        if n >= unit:
-            value = n / unit
-            text = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-            return f"{text} {name}"
-    return f"{n} B"
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def default_store_path() -> Path:
@@ -81,9 +62,9 @@ def _store_path(args: argparse.Namespace) -> Path:
 @contextlib.contextmanager
 def _open_store(args: argparse.Namespace) -> Iterator[Store]:
     path = _store_path(args)
-    if not (path / store_module.META_FILE).exists() and not (path.is_dir() and any(path.iterdir())):
+    if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
-    with store_module.open(path) as store:
+    with layout.open(path) as store:
         yield store
 
 
@@ -207,18 +188,86 @@ def _progress(total: int, label: str) -> Iterator[_Progress]:
         bar.close()
 
 
-# -- commands ----------------------------------------------------------------
+# -- commands: each one's arguments registered with its handler --------------
 
 
+AddArguments = Callable[[Any], object]
+"""Adds arguments to a parser (or a group of one)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: its name and help, what it adds to its parser, and the handler (an exit status)."""
+
+    name: str
+    help: str
+    arguments: tuple[AddArguments, ...]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = []
+"""Every subcommand, in the order `--help` lists them."""
+
+
+def command(name: str, help: str, *arguments: AddArguments) -> Callable[[Handler], Handler]:
+    """Register the decorated handler as the subcommand `name`, with its `arguments`."""
+
+    def register(run: Handler) -> Handler:
+        COMMANDS.append(Command(name, help, arguments, run))
+        return run
+
+    return register
+
+
+def arg(*flags: str, **options: Any) -> AddArguments:
+    """One `add_argument` call, made when the parser is built."""
+    return lambda parser: parser.add_argument(*flags, **options)
+
+
+def one_of(*arguments: AddArguments) -> AddArguments:
+    """Arguments of which at most one may be given (a mutually exclusive group)."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group()
+        for add_argument in arguments:
+            add_argument(group)
+
+    return add
+
+
+LABELS = arg("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
+
+
+def _size(text: str | None) -> int | None:
+    return parse_size(text) if text is not None else None
+
+
+def _change_then_show(args: argparse.Namespace, key: str, change: Callable[[Store], object]) -> int:
+    """Make one change in the store, then print snapshot `key` with --json (nothing otherwise)."""
+    with _open_store(args) as store:
+        change(store)
+        info = store.stat(key)
+    if args.json:
+        _emit_json(_info_json(info))
+    return 0
+
+
+@command(
+    "init",
+    "create the store (or check an existing one's settings)",
+    arg("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)"),
+    arg("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)"),
+    arg("--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)"),
+)
 def _cmd_init(args: argparse.Namespace) -> int:
     path = _store_path(args)
-    chunk_size = parse_size(args.chunk_size) if args.chunk_size is not None else None
-    default_size = parse_size(args.default_size) if args.default_size is not None else None
-    max_bytes = parse_size(args.max_bytes) if args.max_bytes is not None else None
-    existed = (path / store_module.META_FILE).exists()
+    chunk_size = _size(args.chunk_size)
+    default_size = _size(args.default_size)
+    max_bytes = _size(args.max_bytes)
+    existed = layout.is_store(path)
     if not existed:
         path.parent.mkdir(parents=True, exist_ok=True)
-    with store_module.open(
+    with layout.open(
         path, create=True, chunk_size=chunk_size, default_size=default_size, max_bytes=max_bytes
     ) as store:
         figures = {
@@ -239,6 +288,16 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "ls",
+    "list snapshots",
+    arg(
+        "filters",
+        nargs="*",
+        metavar="FILTER",
+        help='containerd filter, e.g. kind==committed or labels."a/b"==c (several: any matches)',
+    ),
+)
 def _cmd_ls(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         infos = list(store.walk(*args.filters))
@@ -260,6 +319,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("stat", "show one snapshot", arg("key"))
 def _cmd_stat(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         info = store.stat(args.key)
@@ -267,37 +327,43 @@ def _cmd_stat(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "prepare",
+    "create an active (read-write) snapshot",
+    arg("key"),
+    arg("parent", nargs="?", help="a committed snapshot to start from"),
+    arg("--size", metavar="SIZE", help="size of a snapshot without parent (default: the store's)"),
+    LABELS,
+)
 def _cmd_prepare(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
-    size = parse_size(args.size) if args.size is not None else None
-    with _open_store(args) as store:
-        store.prepare(args.key, args.parent, size=size, labels=labels).close()
-        info = store.stat(args.key)
-    if args.json:
-        _emit_json(_info_json(info))
-    return 0
+    size = _size(args.size)
+    return _change_then_show(
+        args, args.key, lambda store: store.prepare(args.key, args.parent, size=size, labels=labels).close()
+    )
 
 
+@command(
+    "view",
+    "create a read-only view",
+    arg("key"),
+    arg("parent", nargs="?", help="the committed snapshot to view"),
+    LABELS,
+)
 def _cmd_view(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
-    with _open_store(args) as store:
-        store.view(args.key, args.parent, labels=labels).close()
-        info = store.stat(args.key)
-    if args.json:
-        _emit_json(_info_json(info))
-    return 0
+    return _change_then_show(
+        args, args.key, lambda store: store.view(args.key, args.parent, labels=labels).close()
+    )
 
 
+@command("commit", "commit an active snapshot under a new name", arg("name"), arg("key"), LABELS)
 def _cmd_commit(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
-    with _open_store(args) as store:
-        store.commit(args.name, args.key, labels=labels)
-        info = store.stat(args.name)
-    if args.json:
-        _emit_json(_info_json(info))
-    return 0
+    return _change_then_show(args, args.name, lambda store: store.commit(args.name, args.key, labels=labels))
 
 
+@command("rm", "remove snapshots (children before their parents)", arg("keys", nargs="+", metavar="KEY"))
 def _cmd_rm(args: argparse.Namespace) -> int:
     """Removes every key given; children named too go first, so `rm base child` works."""
     failed = False
@@ -325,6 +391,12 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+@command(
+    "label",
+    "set (k=v) or delete (k=) labels; with none, show them",
+    arg("key"),
+    arg("labels", nargs="*", metavar="KEY=VALUE"),
+)
 def _cmd_label(args: argparse.Namespace) -> int:
     changes = _parse_labels(args.labels)
     with _open_store(args) as store:
@@ -339,6 +411,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("usage", "space a snapshot holds that its parent does not", arg("key"))
 def _cmd_usage(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         usage = store.usage(args.key)
@@ -350,12 +423,13 @@ def _cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("df", "pool figures: chunk size, snapshots, data file size")
 def _cmd_df(args: argparse.Namespace) -> int:
     path = _store_path(args)
     with _open_store(args) as store:
         infos = list(store.walk())
         stats = store.stats()
-        apparent = os.stat(path / store_module.DATA_FILE).st_size
+        apparent = os.stat(path / layout.DATA_FILE).st_size
     figures: dict[str, Any] = {
         "path": str(path.absolute()),
         "chunk_size": stats.chunk_size,
@@ -392,6 +466,7 @@ def _cmd_df(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("tree", "the snapshot tree with kind, size and exclusive usage")
 def _cmd_tree(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         infos = list(store.walk())
@@ -400,7 +475,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     for info in infos:
         children.setdefault(info.parent, []).append(info)
     if args.json:
-        nodes = {
+        nodes: dict[str, dict[str, Any]] = {
             i.name: {
                 "name": i.name,
                 "kind": i.kind.value,
@@ -429,6 +504,7 @@ def _cmd_tree(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("map", "a snapshot's extents, like qemu-img map", arg("key"))
 def _cmd_map(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         chain = [args.key]
@@ -458,6 +534,12 @@ def _cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "diff",
+    "byte ranges whose chunks differ between two snapshots",
+    arg("a", metavar="A"),
+    arg("b", metavar="B"),
+)
 def _cmd_diff(args: argparse.Namespace) -> int:
     with _open_store(args) as store:
         end = max(store.stat(args.a).size, store.stat(args.b).size)
@@ -486,6 +568,15 @@ def _transfer_json(t: rawimage.Transfer) -> dict[str, int]:
     return dataclasses.asdict(t)
 
 
+@command(
+    "import",
+    "read a raw image into a new active snapshot",
+    arg("file", metavar="FILE"),
+    arg("key", metavar="KEY"),
+    arg("--parent", help="build on this committed snapshot: only differing chunks take space"),
+    arg("--commit", metavar="NAME", help="commit the snapshot as NAME afterwards"),
+    LABELS,
+)
 def _cmd_import(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
     with _open_store(args) as store:
@@ -516,6 +607,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "export", "write a snapshot to a sparse raw image", arg("key", metavar="KEY"), arg("file", metavar="FILE")
+)
 def _cmd_export(args: argparse.Namespace) -> int:
     with (
         _open_store(args) as store,
@@ -543,6 +637,12 @@ def check_status(report: CheckReport) -> int:
     return CHECK_LEAKS if report.leaks else CHECK_CLEAN
 
 
+@command(
+    "check",
+    "check the store (exit 0 clean, 2 corrupted, 3 leaks only)",
+    arg("--data", action="store_true", help="also read every chunk in use"),
+    arg("--repair", action="store_true", help="free leaked space (corruption is only reported)"),
+)
 def _cmd_check(args: argparse.Namespace) -> int:
     """Checks, and with --repair frees leaks; corruption is reported, never "repaired"."""
     with _open_store(args) as store:
@@ -607,6 +707,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+@command(
+    "serve",
+    "serve snapshots over NBD until SIGTERM or SIGINT",
+    one_of(
+        arg("--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:10809)"),
+        arg("--socket", metavar="PATH", help="a Unix socket instead of TCP"),
+    ),
+    arg("--export", action="append", metavar="KEY", help="export only these (repeatable)"),
+    arg("--allow-remote", action="store_true", help="allow listening on a non-loopback address"),
+)
 def _cmd_serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen) if args.listen else ("127.0.0.1", 10809)
     try:
@@ -662,89 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    def labels(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
-
-    p = command("init", _cmd_init, "create the store (or check an existing one's settings)")
-    p.add_argument("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)")
-    p.add_argument("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)")
-    p.add_argument(
-        "--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)"
-    )
-
-    p = command("ls", _cmd_ls, "list snapshots")
-    p.add_argument(
-        "filters",
-        nargs="*",
-        metavar="FILTER",
-        help='containerd filter, e.g. kind==committed or labels."a/b"==c (several: any matches)',
-    )
-
-    p = command("stat", _cmd_stat, "show one snapshot")
-    p.add_argument("key")
-
-    p = command("prepare", _cmd_prepare, "create an active (read-write) snapshot")
-    p.add_argument("key")
-    p.add_argument("parent", nargs="?", help="a committed snapshot to start from")
-    p.add_argument("--size", metavar="SIZE", help="size of a snapshot without parent (default: the store's)")
-    labels(p)
-
-    p = command("view", _cmd_view, "create a read-only view")
-    p.add_argument("key")
-    p.add_argument("parent", nargs="?", help="the committed snapshot to view")
-    labels(p)
-
-    p = command("commit", _cmd_commit, "commit an active snapshot under a new name")
-    p.add_argument("name")
-    p.add_argument("key")
-    labels(p)
-
-    p = command("rm", _cmd_rm, "remove snapshots (children before their parents)")
-    p.add_argument("keys", nargs="+", metavar="KEY")
-
-    p = command("label", _cmd_label, "set (k=v) or delete (k=) labels; with none, show them")
-    p.add_argument("key")
-    p.add_argument("labels", nargs="*", metavar="KEY=VALUE")
-
-    p = command("usage", _cmd_usage, "space a snapshot holds that its parent does not")
-    p.add_argument("key")
-
-    command("df", _cmd_df, "pool figures: chunk size, snapshots, data file size")
-    command("tree", _cmd_tree, "the snapshot tree with kind, size and exclusive usage")
-
-    p = command("map", _cmd_map, "a snapshot's extents, like qemu-img map")
-    p.add_argument("key")
-
-    p = command("diff", _cmd_diff, "byte ranges whose chunks differ between two snapshots")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
-
-    p = command("import", _cmd_import, "read a raw image into a new active snapshot")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--parent", help="build on this committed snapshot: only differing chunks take space")
-    p.add_argument("--commit", metavar="NAME", help="commit the snapshot as NAME afterwards")
-    labels(p)
-
-    p = command("export", _cmd_export, "write a snapshot to a sparse raw image")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("file", metavar="FILE")
-
-    p = command("check", _cmd_check, "check the store (exit 0 clean, 2 corrupted, 3 leaks only)")
-    p.add_argument("--data", action="store_true", help="also read every chunk in use")
-    p.add_argument("--repair", action="store_true", help="free leaked space (corruption is only reported)")
-
-    p = command("serve", _cmd_serve, "serve snapshots over NBD until SIGTERM or SIGINT")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:10809)")
-    where.add_argument("--socket", metavar="PATH", help="a Unix socket instead of TCP")
-    p.add_argument("--export", action="append", metavar="KEY", help="export only these (repeatable)")
-    p.add_argument("--allow-remote", action="store_true", help="allow listening on a non-loopback address")
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, parents=[common], help=c.help, description=c.help)
+        p.set_defaults(func=c.run)
+        for add_arguments in c.arguments:
+            add_arguments(p)
     return parser
 
 

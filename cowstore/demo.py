@@ -17,16 +17,7 @@ import time
 from pathlib import Path
 
 import cowstore
-
-MiB = 1 << 20
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+from cowstore.units import MiB, format_size
 
 
 def _fill(vol: cowstore.Volume, offset: int, length: int, seed: int) -> None:
@@ -61,24 +52,24 @@ def build(store: cowstore.Store) -> None:
 
 
 def table(store: cowstore.Store) -> list[tuple[str, ...]]:
-    rows = [("SNAPSHOT", "KIND", "PARENT", "SIZE", "EXCLUSIVE", "SHARED", "DEPTHS")]
+    rows: list[tuple[str, ...]] = [("SNAPSHOT", "KIND", "PARENT", "SIZE", "EXCLUSIVE", "SHARED", "DEPTHS")]
     for info in store.walk():
         extents = store.map(info.name)
         allocated = sum(e.length for e in extents if e.allocated)
         exclusive = store.usage(info.name).size
-        depth_of = {}
+        depth_of: dict[int, int] = {}
         for e in extents:
             if e.allocated:
                 depth_of[e.depth] = depth_of.get(e.depth, 0) + e.length
-        depths = " ".join(f"{d}:{_human(n)}" for d, n in sorted(depth_of.items()))
+        depths = " ".join(f"{d}:{format_size(n)}" for d, n in sorted(depth_of.items()))
         rows.append(
             (
                 info.name,
                 info.kind.value,
                 info.parent or "-",
-                _human(info.size),
-                _human(exclusive),
-                _human(allocated - exclusive),
+                format_size(info.size),
+                format_size(exclusive),
+                format_size(allocated - exclusive),
                 depths,
             )
         )
@@ -92,7 +83,7 @@ def main() -> int:
         with cowstore.open(path, create=True) as store:
             print(
                 f"cowstore {cowstore.__version__}: store at {path}, engine {store.engine}, "
-                f"chunk size {_human(store.chunk_size)}"
+                f"chunk size {format_size(store.chunk_size)}"
             )
             build(store)
             image = store.view("check/image", "sha256:image")

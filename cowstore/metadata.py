@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from types import TracebackType
 
 from .errors import Corruption, Error, InvalidArgument, NoSpace
 
 FORMAT = "cowstore"
+_SQLITE_FULL = 13
+"""SQLite's result code for a full disk: `sqlite3.SQLITE_FULL` and the exceptions'
+`sqlite_errorcode` are new in Python 3.11, so on 3.10 the message says it instead."""
 FORMAT_VERSION = 1
 
 _SCHEMA = """
@@ -143,7 +147,9 @@ class _damage:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if (
             kind is not None
             and issubclass(kind, (sqlite3.DatabaseError, ValueError, TypeError))
@@ -162,7 +168,9 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
-    def __exit__(self, kind, value, tb) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if kind is None:
             try:
                 self._db.execute("COMMIT")
@@ -172,7 +180,8 @@ class _Transaction:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
         if issubclass(kind, sqlite3.Error):
-            if getattr(value, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            code = getattr(value, "sqlite_errorcode", None)
+            if code == _SQLITE_FULL or (code is None and "database or disk is full" in str(value)):
                 raise NoSpace(f"the metadata database cannot grow: {value}") from value
             raise Error(f"the metadata database failed: {value}") from value
 
@@ -210,11 +219,16 @@ def update_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, st
     )
 
 
-def delete_pages(db: sqlite3.Connection, page_ids) -> None:
+def delete_pages(db: sqlite3.Connection, page_ids: Iterable[int]) -> None:
     db.executemany("DELETE FROM pages WHERE id = ?", [(i,) for i in page_ids])
 
 
-def write_changes(db: sqlite3.Connection, pages, dead_pages, directories) -> None:
+def write_changes(
+    db: sqlite3.Connection,
+    pages: Iterable[tuple[int, bytes]],
+    dead_pages: Iterable[int],
+    directories: Iterable[tuple[int, bytes]],
+) -> None:
     """Store an engine's `Changes`: new and changed pages, freed pages, changed directories."""
     db.executemany("INSERT OR REPLACE INTO pages VALUES (?, ?, ?)", [(i, e, zlib.crc32(e)) for i, e in pages])
     delete_pages(db, dead_pages)

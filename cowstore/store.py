@@ -6,15 +6,14 @@ does the chunk work. Every snapshotter call is durable when it returns.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import _fs, engines, metadata
+from . import engines, fallocate, metadata
 from .check import CheckReport, audit
 from .engines.format import Changes
 from .errors import (
@@ -24,15 +23,19 @@ from .errors import (
     Error,
     FailedPrecondition,
     InvalidArgument,
-    Locked,
     NoSpace,
     NotFound,
 )
 from .filters import compile_filters
 from .types import Extent, Info, Kind, Stats, Usage
+from .units import GiB, KiB, MiB
 from .volume import Volume, volume_class
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+if TYPE_CHECKING:
+    import sqlite3
+
+    from .layout import Backing
+
 DEFAULT_CHUNK_SIZE = 64 * KiB
 DEFAULT_SIZE = 10 * GiB
 MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4 * KiB, 1 * MiB
@@ -45,47 +48,32 @@ MAX_KEY_LENGTH = 4096
 PREALLOCATE = 64 * MiB
 """A store in a directory reserves data-file blocks ahead of its growing pool, as much as
 the pool holds up to this much (as XFS does for a growing file): a first write into a new
-chunk then skips the file system's block allocation (about 30 % of a 4 KiB write on ext4).
+chunk then skips the file system's block allocation, a large part of a small write's cost.
 `close` gives back what is left unused."""
 
 IMPORTING = "cowstore.importing/"
 """Imports in progress write under a key that starts with this, and give the snapshot its
 name only once complete; opening a store removes those a crash left behind."""
 
-DATA_FILE = "data"
-META_FILE = "meta.sqlite"
-LOCK_FILE = "lock"
 
-
+@dataclass(slots=True, eq=False, repr=False)
 class _Snapshot:
-    """One snapshot in memory. `id` is also its map's id in the engine."""
+    """One snapshot in memory. `id` is also its map's id in the engine; `dead` once removed."""
 
-    __slots__ = ("created", "dead", "id", "key", "kind", "labels", "parent", "size", "updated")
-
-    def __init__(
-        self,
-        id: int,
-        key: str,
-        kind: Kind,
-        parent: _Snapshot | None,
-        labels: dict[str, str],
-        created: int,
-        updated: int,
-        size: int,
-    ) -> None:
-        self.id = id
-        self.key = key
-        self.kind = kind
-        self.parent = parent
-        self.labels = labels
-        self.created = created
-        self.updated = updated
-        self.size = size
-        self.dead = False
+    id: int
+    key: str
+    kind: Kind
+    parent: _Snapshot | None
+    labels: dict[str, str]
+    created: int
+    updated: int
+    size: int
+    dead: bool = False
 
     def chain(self) -> list[int]:
         """Map ids from this snapshot down to its base."""
-        ids, s = [], self
+        ids: list[int] = []
+        s: _Snapshot | None = self
         while s is not None:
             ids.append(s.id)
             s = s.parent
@@ -114,6 +102,17 @@ class _Snapshot:
             self.size,
             directory,
         )
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """Ascending slots as runs of (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
 
 
 def _now() -> int:
@@ -178,21 +177,17 @@ class Store:
 
     def __init__(
         self,
+        backing: Backing,
+        settings: Mapping[str, int],
         *,
-        where: str,
-        meta: metadata.Metadata,
-        data_fd: int,
-        lock_fd: int | None,
-        settings: dict[str, int],
         engine: str | None,
-        durable: bool,
         verify_reads: bool = False,
     ) -> None:
-        self._where = where
-        self._meta = meta
-        self._data_fd = data_fd
-        self._lock_fd = lock_fd
-        self._durable = durable
+        self._where = backing.where
+        self._meta = backing.meta
+        self._data_fd = backing.data_fd
+        self._lock_fd = backing.lock_fd
+        self._durable = backing.durable
         self._lock = threading.RLock()
         self._closed = False
         self._broken: BaseException | None = None
@@ -200,10 +195,10 @@ class Store:
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
         module = engines.engine_module(engine)
-        self._engine = module.Engine(data_fd, self.chunk_size, settings["page_entries"])
+        self._engine = module.Engine(self._data_fd, self.chunk_size, settings["page_entries"])
         self._volume = volume_class(module)
         self._engine.set_verify(verify_reads)
-        if durable:
+        if self._durable:
             self._engine.set_preallocate(PREALLOCATE)
         self.verify_reads: bool = bool(verify_reads)
         self.engine: str = "cython" if module.__name__.endswith("_cengine") else "python"
@@ -332,7 +327,7 @@ class Store:
             del self._snapshots[key]
             self._snapshots[name] = c
 
-            def rows(db):
+            def rows(db: sqlite3.Connection) -> None:
                 metadata.delete_snapshot(db, s.id)
                 metadata.insert_snapshot(db, c.row())
 
@@ -573,8 +568,8 @@ class Store:
             freed = before - os.fstat(self._data_fd).st_size
             free = self._engine.take_free()
             try:
-                for first, count in _fs.ranges(free):
-                    if first <= slots and _fs.punch_hole(
+                for first, count in _runs(free):
+                    if first <= slots and fallocate.punch_hole(
                         self._data_fd, (first - 1) * self.chunk_size, count * self.chunk_size
                     ):
                         freed += count * self.chunk_size
@@ -672,7 +667,11 @@ class Store:
         if self._broken is not None:
             raise Error(f"store {self._where} failed to persist and must be reopened: {self._broken}")
 
-    def _persist(self, rows=None, undo=None) -> None:
+    def _persist(
+        self,
+        rows: Callable[[sqlite3.Connection], object] | None = None,
+        undo: Callable[[], None] | None = None,
+    ) -> None:
         """One durable step: data first, then the metadata naming it, in one transaction.
 
         Freed slots become reusable only after the transaction that frees them commits. A
@@ -707,7 +706,7 @@ class Store:
         self._unsaved = None
         self._engine.release(changes.freed)
 
-    def _commit(self, changes: Changes, rows) -> None:
+    def _commit(self, changes: Changes, rows: Callable[[sqlite3.Connection], object] | None) -> None:
         with self._meta.transaction() as db:
             if rows is not None:
                 rows(db)
@@ -727,60 +726,8 @@ def _merged(old: Changes, new: Changes) -> Changes:
     )
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise Locked(
-            f"store {path} is in use: process {holder} holds the lock on {path / LOCK_FILE}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create(path: Path, settings: dict[str, int]) -> None:
-    """Build a store in a temporary directory beside `path`, then rename it into place."""
-    tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        os.close(os.open(tmp / DATA_FILE, os.O_CREAT | os.O_WRONLY, 0o644))
-        meta = metadata.Metadata(str(tmp / META_FILE))
-        meta.create(settings)
-        meta.close()
-        for name in (DATA_FILE, META_FILE):
-            fd = os.open(tmp / name, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        _fsync_dir(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if (path / META_FILE).exists():
-                return
-            raise InvalidArgument(
-                f"{path} exists and is not an empty directory or a cowstore store"
-            ) from None
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            for child in tmp.iterdir():
-                child.unlink()
-            tmp.rmdir()
-
-
-def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int]:
+def initial_settings(chunk_size: int | None, default_size: int | None) -> dict[str, int]:
+    """A new store's fixed settings from the caller's choices (None: the default), checked."""
     chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else _check_chunk_size(chunk_size)
     if default_size is not None:
         _check_size(default_size, chunk_size, "default_size")
@@ -789,97 +736,3 @@ def _settings(chunk_size: int | None, default_size: int | None) -> dict[str, int
         "default_size": DEFAULT_SIZE if default_size is None else default_size,
         "page_entries": PAGE_ENTRIES,
     }
-
-
-def open(
-    path: str | os.PathLike[str],
-    *,
-    create: bool = False,
-    chunk_size: int | None = None,
-    default_size: int | None = None,
-    max_bytes: int | None = None,
-    verify_reads: bool = False,
-    engine: str | None = None,
-) -> Store:
-    """Open the store at `path`; with `create=True`, create it first if it is missing.
-
-    `max_bytes` limits the pool (kept in the store until changed); `verify_reads` checks the
-    checksum of every committed chunk read.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidArgument(f"path must be a str or path, not {type(path).__name__}")
-    path = Path(path).absolute()
-    wanted = _settings(chunk_size, default_size)
-    if not (path / META_FILE).exists():
-        if not create:
-            if path.is_dir() and any(path.iterdir()):
-                raise InvalidArgument(f"{path} is not a cowstore store (no {META_FILE})")
-            raise NotFound(f"no store at {path} (pass create=True to make one)")
-        if not path.parent.is_dir():
-            raise NotFound(f"cannot create a store at {path}: {path.parent} does not exist")
-        _create(path, wanted)
-    lock_fd = _lock(path)
-    try:
-        meta = metadata.Metadata(str(path / META_FILE))
-        try:
-            stored = meta.settings(str(path))
-            for name, value in (("chunk_size", chunk_size), ("default_size", default_size)):
-                if value is not None and value != stored.get(name):
-                    raise InvalidArgument(
-                        f"{name}={value} differs from the store's {name}={stored.get(name)}, "
-                        "fixed at creation"
-                    )
-            if max_bytes is not None:
-                stored = {**stored, "max_bytes": max_bytes}
-            try:
-                data_fd = os.open(path / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
-            try:
-                store = Store(
-                    where=str(path),
-                    meta=meta,
-                    data_fd=data_fd,
-                    lock_fd=lock_fd,
-                    settings=stored,
-                    engine=engine,
-                    durable=True,
-                    verify_reads=verify_reads,
-                )
-                if max_bytes is not None:
-                    meta.set_setting("max_bytes", max_bytes)
-                return store
-            except BaseException:
-                os.close(data_fd)
-                raise
-        except BaseException:
-            meta.close()
-            raise
-    except BaseException:
-        os.close(lock_fd)
-        raise
-
-
-def memory(
-    *,
-    chunk_size: int | None = None,
-    default_size: int | None = None,
-    max_bytes: int | None = None,
-    verify_reads: bool = False,
-    engine: str | None = None,
-) -> Store:
-    """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
-    settings = {**_settings(chunk_size, default_size), "max_bytes": max_bytes}
-    meta = metadata.Metadata(":memory:")
-    meta.create(settings)
-    data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)
-    return Store(
-        where=":memory:",
-        meta=meta,
-        data_fd=data_fd,
-        lock_fd=None,
-        settings=settings,
-        engine=engine,
-        durable=False,
-        verify_reads=verify_reads,
-    )

@@ -14,7 +14,11 @@ from __future__ import annotations
 import sys
 import zlib
 from array import array
-from typing import NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 PARTIAL = 1 << 31
 """Flag in a page entry: the chunk is partial (see `SUB_BLOCKS`)."""
@@ -38,7 +42,7 @@ class Changes(NamedTuple):
     freed: list[int]
 
 
-def chunk_sum(data) -> int:
+def chunk_sum(data: ReadableBuffer) -> int:
     """The checksum kept for a chunk: CRC-32, with 0 (meaning "none yet") kept as 1."""
     return zlib.crc32(data) or 1
 
@@ -79,7 +83,7 @@ def decode_page(blob: bytes, page_entries: int) -> tuple[array, array]:
     return from_le("I", blob[:half]), from_le("I", blob[half:])
 
 
-def encode_directory(page_ids) -> bytes:
+def encode_directory(page_ids: Iterable[int]) -> bytes:
     """A stored map directory from its page ids (0: no page)."""
     return to_le(array("Q", page_ids))
 

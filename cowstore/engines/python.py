@@ -28,15 +28,20 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import typing
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
-from .. import _fs
+from .. import fallocate as _fs
 from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
 from .format import FULL_BITS as _FULL_BITS
 from .format import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
 from .format import from_le as _from_le
 from .format import to_le as _to_le
+
+if typing.TYPE_CHECKING:  # a plain name would join the engine's public names
+    from _typeshed import ReadableBuffer, WriteableBuffer
 
 _PREALLOC_MIN = 1 << 20
 
@@ -247,7 +252,7 @@ class Engine:
         self.read(map_id, buf, offset)
         return bytes(buf)
 
-    def read(self, map_id: int, buffer, offset: int) -> None:
+    def read(self, map_id: int, buffer: WriteableBuffer, offset: int) -> None:
         """Fill `buffer` (any writable buffer) with the map's bytes from `offset`."""
         mv = memoryview(buffer).cast("B")
         with self._lock:
@@ -256,7 +261,7 @@ class Engine:
             for pos, chunk, within, length in self._pieces(offset, len(mv)):
                 self._read_chunk(m, chunk, within, mv[pos : pos + length])
 
-    def write(self, map_id: int, data, offset: int) -> None:
+    def write(self, map_id: int, data: ReadableBuffer, offset: int) -> None:
         """Write `data` (any buffer) at `offset`, copying shared pages and chunks first."""
         mv = memoryview(data).cast("B")
         with self._lock:
@@ -472,7 +477,7 @@ class Engine:
         if offset < 0 or length < 0 or offset + length > m.nchunks * self._cs:
             raise ValueError(f"range {offset}+{length} is outside the map")
 
-    def _pieces(self, offset: int, length: int):
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         pos = 0
         while pos < length:
             chunk, within = divmod(offset + pos, self._cs)
@@ -534,7 +539,7 @@ class Engine:
         zero = piece.tobytes().count(0) == len(piece)
         if zero and (old == 0 or len(piece) == self._cs):
             return False
-        page = m.pages[chunk // self._pe]
+        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
         return not (old and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
 
     def _reserve(self, slots: int) -> None:
@@ -579,7 +584,7 @@ class Engine:
         if old == 0 and zero:
             return
         full = n == self._cs
-        page = m.pages[chunk // self._pe]
+        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
         i = chunk % self._pe
         if old and self._refs[old & MAX_SLOT] == 1 and not (full and zero) and page.refs == 1:
             self._write_in_place(m, page, chunk, within, piece)
@@ -587,6 +592,7 @@ class Engine:
         page = self._page_for_write(m, chunk // self._pe)
         old = page.entries[i]
         bits = 0
+        data: memoryview | bytearray
         if full and zero:
             new = 0
         elif old and self._refs[old & MAX_SLOT] == 1:
@@ -709,7 +715,7 @@ class Engine:
                 self._read_parent(m, chunk, k * sub, memoryview(part))
                 self._pwrite(part, (slot - 1) * self._cs + k * sub)
 
-    def _pwrite(self, data, offset: int) -> None:
+    def _pwrite(self, data: ReadableBuffer, offset: int) -> None:
         mv = memoryview(data)
         while len(mv):
             try:
@@ -798,7 +804,7 @@ class VolumeBase:
             where = f"snapshot {self._key!r}, read of {len(buffer)} bytes at offset {offset}"
             raise Corruption(f"{where}: {exc}") from None
 
-    def _write(self, call, *args) -> None:
+    def _write(self, call: Callable[..., object], *args: object) -> None:
         try:
             try:
                 call(self._map_id, *args)
@@ -816,7 +822,7 @@ class VolumeBase:
         self._read(memoryview(buf), offset)
         return bytes(buf)
 
-    def preadinto(self, buffer, offset: int) -> int:
+    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int:
         """Fill `buffer` (any writable buffer) from `offset`; returns its length in bytes."""
         try:
             view = memoryview(buffer)
@@ -829,7 +835,7 @@ class VolumeBase:
         self._read(view, offset)
         return view.nbytes
 
-    def pwrite(self, data, offset: int) -> int:
+    def pwrite(self, data: ReadableBuffer, offset: int) -> int:
         """Write `data` (any buffer) at `offset`; returns its length in bytes."""
         try:
             view = memoryview(data)

@@ -166,12 +166,12 @@ def test_truncate_and_punched_holes_are_undone_by_a_cut_before_fsync(disk: Path)
 
 
 def test_a_hole_punched_and_fsynced_reads_as_zeros(disk: Path) -> None:
-    from cowstore import _fs
+    from cowstore import fallocate
 
     with mount(disk) as m:
         write_file(m.path / "f", b"x" * 3 * 4096, sync_file=True, sync_dir=True)
         fd = os.open(m.path / "f", os.O_RDWR)
-        assert _fs.punch_hole(fd, 4096, 4096)
+        assert fallocate.punch_hole(fd, 4096, 4096)
         assert os.pread(fd, 3 * 4096, 0) == b"x" * 4096 + bytes(4096) + b"x" * 4096
         os.fsync(fd)
         os.close(fd)

@@ -20,6 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from cowstore.engines import python as _pyengine
 from cowstore.engines.format import PARTIAL
 from cowstore.errors import Closed, Corruption, NoSpace
+from tests.conftest import ENGINE_PARAMS
+from tests.data import pattern
 
 try:
     from cowstore.engines import _cengine
@@ -36,10 +38,6 @@ if _cengine is not None:
     ENGINES["cython"] = _cengine.Engine
 
 needs_c = pytest.mark.skipif(_cengine is None, reason="the Cython extension is not built")
-ENGINE_PARAMS = [
-    pytest.param("python", id="python"),
-    pytest.param("cython", id="cython", marks=needs_c),
-]
 
 
 @pytest.fixture
@@ -57,18 +55,9 @@ def file_fd(tmp_path):
     os.close(fd)
 
 
-@pytest.fixture(params=ENGINE_PARAMS)
-def engine_class(request) -> type:
-    return ENGINES[request.param]
-
-
 @pytest.fixture
 def engine(engine_class, data_fd):
     return engine_class(data_fd, CS, PE)
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
 
 
 def page_blob(slots, sums=None) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 
 import cowstore
 from cowstore import nbd
+from tests.data import pattern
 
 CHUNK = 64 * 1024
 SIZE = 8 * 1024 * 1024
@@ -38,10 +39,6 @@ def run(*argv: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess
     if check and proc.returncode:
         raise AssertionError(f"{argv} failed with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return bytes((i * 13 + seed) & 0xFF for i in range(n))
 
 
 class Chain:

@@ -25,6 +25,7 @@ import pytest
 import cowstore
 from cowstore import errors, nbd
 from cowstore.nbd import proto as P
+from tests.data import pattern
 
 CHUNK = 64 * 1024
 SIZE = 4 * 1024 * 1024
@@ -220,10 +221,6 @@ def assemble(chunks: list[tuple[int, int, bytes]], offset: int, length: int) -> 
             assert kind == P.REPLY_TYPE_NONE
     assert covered == length
     return bytes(out)
-
-
-def pattern(n: int, seed: int) -> bytes:
-    return bytes((i * 7 + seed) & 0xFF for i in range(n))
 
 
 @pytest.fixture

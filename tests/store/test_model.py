@@ -6,7 +6,6 @@ step each snapshot's bytes must equal the model's, byte for byte.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,10 +13,16 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import cowstore
-from cowstore import engines, errors
+from cowstore import errors
 
 CHUNK = 4096
 SIZE = 6 * CHUNK + 1000
@@ -150,22 +155,16 @@ class SnapshotterModel(RuleBasedStateMachine):
         assert total <= self.store._engine.stats()["used"]
 
 
-def _case(engine: str, on_disk: bool):
+@pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
+def test_random_histories_match_the_model(engine: str, on_disk: bool) -> None:
     machine = type(
         f"Model_{engine}_{'disk' if on_disk else 'memory'}",
         (SnapshotterModel,),
         {"engine": engine, "on_disk": on_disk},
     )
-    machine.TestCase.settings = settings(
-        max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=25, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+        ),
     )
-    test = machine.TestCase
-    if engine not in engines.ENGINES and not os.environ.get("CI"):
-        test = pytest.mark.skip(reason="the Cython extension is not built")(test)
-    return test
-
-
-TestModelPythonMemory = _case("python", False)
-TestModelPythonDisk = _case("python", True)
-TestModelCythonMemory = _case("cython", False)
-TestModelCythonDisk = _case("cython", True)

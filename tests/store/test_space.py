@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import subprocess
 import sys
 
 import pytest
 
 import cowstore
-from cowstore import errors
+from cowstore import errors, metadata
 from tests.conftest import CHUNK, SIZE
 
 
@@ -113,7 +114,7 @@ def _require_reservation(data) -> int:
     if allocated < 1 << 20:
         fd = os.open(data, os.O_RDWR)
         try:
-            can = cowstore._fs.preallocate(fd, 0, 1 << 20)
+            can = cowstore.fallocate.preallocate(fd, 0, 1 << 20)
         finally:
             os.close(fd)
         assert not can, f"only {allocated} bytes allocated for a growing pool"
@@ -190,3 +191,18 @@ def test_chunks_written_in_place_after_commit_get_fresh_sums(disk_store):
     view = s.view("v", "img2")
     assert view.pread(8, 20)[:5] == b"again"
     assert s.check(data=True).ok
+
+
+def test_a_full_metadata_disk_is_no_space_without_python_3_11s_sqlite_codes(monkeypatch):
+    """Python 3.10's sqlite3 has no SQLITE_FULL and no sqlite_errorcode: a full disk is still
+    NoSpace (it was an AttributeError), and another failure still a plain Error."""
+    monkeypatch.delattr(sqlite3, "SQLITE_FULL", raising=False)
+    meta = metadata.Metadata(":memory:")
+    try:
+        with pytest.raises(errors.NoSpace), meta.transaction():
+            raise sqlite3.OperationalError("database or disk is full")
+        with pytest.raises(errors.Error) as failed, meta.transaction():
+            raise sqlite3.OperationalError("disk I/O error")
+        assert not isinstance(failed.value, errors.NoSpace)
+    finally:
+        meta.close()

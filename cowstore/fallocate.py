@@ -1,4 +1,4 @@
-"""File-system calls the standard library lacks: reserving and punching holes in the data file."""
+"""fallocate(2), which the standard library lacks: reserve blocks in the data file and punch holes in it."""
 
 from __future__ import annotations
 
@@ -30,14 +30,3 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     """Reserve blocks for a byte range of `fd` without changing its size; False where it
     cannot (no support, no space): the caller loses only the speed-up."""
     return _fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0
-
-
-def ranges(slots: list[int]) -> list[tuple[int, int]]:
-    """Ascending slots as runs of (first, count)."""
-    runs: list[tuple[int, int]] = []
-    for slot in slots:
-        if runs and runs[-1][0] + runs[-1][1] == slot:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((slot, 1))
-    return runs

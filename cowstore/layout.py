@@ -1,0 +1,174 @@
+"""A store's directory: its files, its lock, its atomic creation (`build`); and the entry points that open
+a store in a directory (`open`) or in memory (`memory`).
+
+The directory holds `data` (the chunk pool), `meta.sqlite` (snapshots and map pages) and `lock`
+(flocked by the one process that has the store open, which writes its pid there).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from pathlib import Path
+from typing import NamedTuple
+
+from . import metadata
+from .errors import Corruption, InvalidArgument, Locked, NotFound
+from .store import Store, initial_settings
+
+DATA_FILE = "data"
+META_FILE = "meta.sqlite"
+LOCK_FILE = "lock"
+
+
+class Backing(NamedTuple):
+    """What a `Store` runs on: its metadata, its data file and, in a directory, its lock.
+
+    The store owns these once made and closes them; `durable` says whether it must fsync.
+    """
+
+    where: str
+    meta: metadata.Metadata
+    data_fd: int
+    lock_fd: int | None
+    durable: bool
+
+
+def lock(path: Path) -> int:
+    """Take the store's exclusive lock and write our pid in the lock file; `Locked` names the holder."""
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Locked(
+            f"store {path} is in use: process {holder} holds the lock on {path / LOCK_FILE}"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build(path: Path, settings: dict[str, int]) -> None:
+    """Build a store in a temporary directory beside `path`, then rename it into place."""
+    tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        os.close(os.open(tmp / DATA_FILE, os.O_CREAT | os.O_WRONLY, 0o644))
+        meta = metadata.Metadata(str(tmp / META_FILE))
+        meta.create(settings)
+        meta.close()
+        for name in (DATA_FILE, META_FILE):
+            fd = os.open(tmp / name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if (path / META_FILE).exists():
+                return
+            raise InvalidArgument(
+                f"{path} exists and is not an empty directory or a cowstore store"
+            ) from None
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            for child in tmp.iterdir():
+                child.unlink()
+            tmp.rmdir()
+
+
+def is_store(path: Path) -> bool:
+    """Whether `path` holds a store (its metadata file)."""
+    return (path / META_FILE).exists()
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    create: bool = False,
+    chunk_size: int | None = None,
+    default_size: int | None = None,
+    max_bytes: int | None = None,
+    verify_reads: bool = False,
+    engine: str | None = None,
+) -> Store:
+    """Open the store at `path`; with `create=True`, create it first if it is missing.
+
+    `max_bytes` limits the pool (kept in the store until changed); `verify_reads` checks the
+    checksum of every committed chunk read.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"path must be a str or path, not {type(path).__name__}")
+    path = Path(path).absolute()
+    wanted = initial_settings(chunk_size, default_size)
+    if not is_store(path):
+        if not create:
+            if path.is_dir() and any(path.iterdir()):
+                raise InvalidArgument(f"{path} is not a cowstore store (no {META_FILE})")
+            raise NotFound(f"no store at {path} (pass create=True to make one)")
+        if not path.parent.is_dir():
+            raise NotFound(f"cannot create a store at {path}: {path.parent} does not exist")
+        build(path, wanted)
+    lock_fd = lock(path)
+    try:
+        meta = metadata.Metadata(str(path / META_FILE))
+        try:
+            stored = meta.settings(str(path))
+            for name, value in (("chunk_size", chunk_size), ("default_size", default_size)):
+                if value is not None and value != stored.get(name):
+                    raise InvalidArgument(
+                        f"{name}={value} differs from the store's {name}={stored.get(name)}, "
+                        "fixed at creation"
+                    )
+            if max_bytes is not None:
+                stored = {**stored, "max_bytes": max_bytes}
+            try:
+                data_fd = os.open(path / DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise Corruption(f"{path}: the data file {DATA_FILE} is missing") from None
+            try:
+                backing = Backing(str(path), meta, data_fd, lock_fd, durable=True)
+                store = Store(backing, stored, engine=engine, verify_reads=verify_reads)
+                if max_bytes is not None:
+                    meta.set_setting("max_bytes", max_bytes)
+                return store
+            except BaseException:
+                os.close(data_fd)
+                raise
+        except BaseException:
+            meta.close()
+            raise
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def memory(
+    *,
+    chunk_size: int | None = None,
+    default_size: int | None = None,
+    max_bytes: int | None = None,
+    verify_reads: bool = False,
+    engine: str | None = None,
+) -> Store:
+    """A store held in memory (a memfd and an in-memory SQLite): for tests and scratch work."""
+    settings = initial_settings(chunk_size, default_size)
+    if max_bytes is not None:
+        settings["max_bytes"] = max_bytes
+    meta = metadata.Metadata(":memory:")
+    meta.create(settings)
+    data_fd = os.memfd_create("cowstore", os.MFD_CLOEXEC)
+    backing = Backing(":memory:", meta, data_fd, None, durable=False)
+    return Store(backing, settings, engine=engine, verify_reads=verify_reads)
