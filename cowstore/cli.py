@@ -12,16 +12,17 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from . import layout, rawimage, units
 from .check import CheckReport
-from .errors import AlreadyExists, Error, FailedPrecondition, NotFound
+from .errors import Error, FailedPrecondition
 from .store import Store
 from .types import Info, Kind
 from .units import format_size
@@ -81,9 +82,10 @@ def _parse_labels(pairs: Sequence[str] | None) -> dict[str, str]:
 # -- output ------------------------------------------------------------------
 
 
-def _emit_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+def _emit_json(value: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    json.dump(value, out, indent=2)
+    out.write("\n")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -556,43 +558,32 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exists(store: Store, key: str) -> bool:
-    try:
-        store.stat(key)
-    except NotFound:
-        return False
-    return True
-
-
 def _transfer_json(t: rawimage.Transfer) -> dict[str, int]:
     return dataclasses.asdict(t)
 
 
 @command(
     "import",
-    "read a raw image into a new active snapshot",
+    "read a raw image into a new active snapshot (all or nothing)",
     arg("file", metavar="FILE"),
     arg("key", metavar="KEY"),
     arg("--parent", help="build on this committed snapshot: only differing chunks take space"),
-    arg("--commit", metavar="NAME", help="commit the snapshot as NAME afterwards"),
+    arg("--commit", metavar="NAME", help="commit the snapshot as NAME once imported"),
     LABELS,
 )
 def _cmd_import(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
     with _open_store(args) as store:
-        if args.commit is not None and _exists(store, args.commit):
-            raise AlreadyExists(f"snapshot {args.commit!r} already exists")
         with _progress(rawimage.image_size(args.file), f"import {args.key}") as bar:
             result = rawimage.import_image(
                 store,
                 args.file,
                 args.key,
                 parent=args.parent,
-                labels=None if args.commit else labels,
+                labels=labels,
+                commit=args.commit,
                 progress=bar,
             )
-        if args.commit is not None:
-            store.commit(args.commit, args.key, labels=labels)
         name = args.commit or args.key
         usage = store.usage(name)
     if args.json:
@@ -608,7 +599,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 @command(
-    "export", "write a snapshot to a sparse raw image", arg("key", metavar="KEY"), arg("file", metavar="FILE")
+    "export",
+    "write a snapshot to a sparse raw image (- for standard output)",
+    arg("key", metavar="KEY"),
+    arg("file", metavar="FILE"),
+    arg("--force", action="store_true", help="replace FILE if it exists"),
 )
 def _cmd_export(args: argparse.Namespace) -> int:
     with (
@@ -616,13 +611,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
         rawimage.snapshot_volume(store, args.key) as vol,
         _progress(vol.size, f"export {args.key}") as bar,
     ):
-        result = rawimage.export_volume(vol, args.file, store.chunk_size, progress=bar)
+        result = rawimage.export_volume(vol, args.file, store.chunk_size, replace=args.force, progress=bar)
+    # With FILE "-", standard output carries the image: the report goes to standard error.
+    out = sys.stderr if args.file == "-" else sys.stdout
     if args.json:
-        _emit_json({"name": args.key, **_transfer_json(result)})
+        _emit_json({"name": args.key, **_transfer_json(result)}, out)
     else:
         print(
             f"exported {args.key} to {args.file}: {format_size(result.size)}, "
-            f"{format_size(result.written)} written, {format_size(result.skipped)} left sparse"
+            f"{format_size(result.written)} written, {format_size(result.skipped)} left sparse",
+            file=out,
         )
     return 0
 
@@ -805,8 +803,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
+    # SIGTERM unwinds like Ctrl-C, so what a command leaves half done is undone first.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except SystemExit as exc:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 1
     except (Error, UsageError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             with contextlib.suppress(OSError):
@@ -821,3 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -619,13 +620,66 @@ def test_export_of_an_active_snapshot_writes_its_current_bytes(run, made, tmp_pa
     assert len(data) == SIZE and data[: 6 * CHUNK] == want and data[6 * CHUNK :] == bytes(SIZE - 6 * CHUNK)
 
 
-def test_export_replaces_an_existing_file(run, made, tmp_path):
+def test_export_replaces_an_existing_file_only_with_force(run, made, tmp_path):
     build(made, base_and_child)
     out = tmp_path / "old.raw"
     out.write_bytes(b"x" * (2 * SIZE))
-    assert run("export", "base", str(out)).code == 0
+    r = run("export", "base", str(out))
+    assert r.code == 1 and str(out) in one_error_line(r) and "--force" in one_error_line(r)
+    assert out.read_bytes() == b"x" * (2 * SIZE)
+    assert run("export", "base", str(out), "--force").code == 0
     data = out.read_bytes()
     assert len(data) == SIZE and data[:CHUNK] == bytes(CHUNK)
+
+
+def test_export_to_standard_output_reports_on_standard_error(made, tmp_path):
+    build(made, base_and_child)
+    with cowstore.open(made) as s:
+        want = s.reader("base").pread(SIZE, 0)
+    done = subprocess.run(
+        [*command(), "--store", str(made), "export", "base", "-"], env=env(), capture_output=True, check=True
+    )
+    assert done.stdout == want
+    assert b"exported base to -" in done.stderr
+
+
+def test_import_committing_under_its_own_key_fails_before_copying(run, made, store_at, tmp_path):
+    sparse_image(tmp_path / "img", SIZE, image_pieces())
+    r = run("import", str(tmp_path / "img"), "k", "--commit", "k")
+    assert r.code == 1 and "'k'" in one_error_line(r)
+    assert list(store_at().walk()) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_any_moment_of_an_import_leaves_all_or_nothing(made, tmp_path, signum):
+    data = os.urandom(256 * CHUNK)
+    (tmp_path / "img").write_bytes(data * 64)
+    rng = random.Random(signum)
+    outcomes = set()
+    for _ in range(6):
+        child = subprocess.Popen(
+            [*command(), "--store", str(made), "import", str(tmp_path / "img"), "k"],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(rng.uniform(0.05, 0.6))
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=60)
+        with cowstore.open(made) as s:
+            names = [i.name for i in s.walk()]
+            if child.returncode == 0:
+                assert names == ["k"] and s.reader("k").pread(len(data), 0) == data
+                outcomes.add("complete")
+            else:
+                assert names == [], (child.returncode, err, names)
+                # A signal before the command started is the interpreter's; one during the
+                # import is the command's, and it says so.
+                outcomes.add("stopped" if b"interrupted" in err or b"terminated" in err else "not started")
+            s.check(data=True)
+            if names:
+                s.remove("k")
+    assert "stopped" in outcomes, outcomes
 
 
 def test_qemu_img_compare_finds_the_export_identical_to_the_original(run, made, tmp_path):
