@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py ext/_cengine.pyx ext/_cengine.pxd 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $$(find ext -type f | sort) 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint bench stress sanitize clean
 
@@ -42,4 +42,4 @@ sanitize: $(STAMP)
 		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so ext/*.c
+	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so

@@ -1,4 +1,9 @@
-"""The extension list; everything else is in pyproject.toml."""
+"""The extension list; everything else is in pyproject.toml.
+
+The module's root is ext/cowstore/engines/_cengine.pyx: Cython pairs a module with the .pxd
+of its full dotted name. The pieces it includes (core/, the binding) are found through
+`include_path`, and the C headers through `include_dirs`; the generated C goes to build/.
+"""
 
 import os
 
@@ -12,11 +17,14 @@ setup(
         [
             Extension(
                 "cowstore.engines._cengine",
-                ["ext/_cengine.pyx"],
+                ["ext/cowstore/engines/_cengine.pyx"],
+                include_dirs=["ext/include"],
                 extra_compile_args=["-O3", *extra],
                 extra_link_args=extra,
             )
         ],
+        include_path=["ext"],
+        build_dir="build",
         language_level=3,
     ),
 )

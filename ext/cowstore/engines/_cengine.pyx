@@ -46,180 +46,11 @@ from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
 
-from _cengine cimport (
-    FALLOC_FL_KEEP_SIZE,
-    DepthRun,
-    DepthRuns,
-    DiffRun,
-    DiffRuns,
-    Err,
-    HEntry,
-    HTable,
-    Map,
-    Page,
-    PtrVec,
-    State,
-    U32Vec,
-    U64Vec,
-    fallocate,
-    pthread_equal,
-    pthread_rwlock_destroy,
-    pthread_rwlock_rdlock,
-    pthread_rwlock_t,
-    pthread_rwlock_tryrdlock,
-    pthread_rwlock_trywrlock,
-    pthread_rwlock_unlock,
-    pthread_rwlock_wrlock,
-    pthread_self,
-    pthread_t,
-)
 
 from os import strerror as _strerror
 
 from cowstore.engines.format import MAX_SLOT, PARTIAL, SUB_BLOCKS, Changes, chunk_sum
 from cowstore.errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
-
-
-cdef extern from *:
-    """
-    #include <pthread.h>
-    #include <setjmp.h>
-    #include <signal.h>
-    #include <stdint.h>
-    #include <string.h>
-
-    /* Reads copy from a mapping of the data file. Should the file shrink under us (someone
-       else truncated it despite the lock) or the disk fail, the copy faults with SIGBUS; the
-       handler turns that fault into an error return instead of the end of the process. A
-       SIGBUS outside a guarded copy goes to the handler that was there before. */
-    static __thread sigjmp_buf *volatile cs_bus_jump;
-    static struct sigaction cs_bus_previous;
-
-    static void cs_bus_handler(int sig, siginfo_t *info, void *context) {
-        sigjmp_buf *jump = cs_bus_jump;
-        if (jump != NULL) {
-            cs_bus_jump = NULL;
-            siglongjmp(*jump, 1);
-        }
-        if (cs_bus_previous.sa_flags & SA_SIGINFO) {
-            cs_bus_previous.sa_sigaction(sig, info, context);
-        } else if (cs_bus_previous.sa_handler != SIG_DFL && cs_bus_previous.sa_handler != SIG_IGN) {
-            cs_bus_previous.sa_handler(sig);
-        } else {
-            signal(sig, SIG_DFL);
-            raise(sig);
-        }
-    }
-
-    /* Puts the handler in place unless it is already; 0 on success. Called whenever an
-       engine maps a file, since others (Python's faulthandler) may have replaced it. */
-    static int cs_bus_guard_install(void) {
-        struct sigaction action, current;
-        if (sigaction(SIGBUS, NULL, &current) != 0) return -1;
-        if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == cs_bus_handler) return 0;
-        memset(&action, 0, sizeof action);
-        action.sa_sigaction = cs_bus_handler;
-        action.sa_flags = SA_SIGINFO | SA_NODEFER;
-        sigemptyset(&action.sa_mask);
-        return sigaction(SIGBUS, &action, &cs_bus_previous);
-    }
-
-    /* memcpy that returns -1 instead of dying when the source faults. */
-    static int cs_guarded_copy(void *dst, const void *src, size_t n) {
-        sigjmp_buf jump;
-        if (sigsetjmp(jump, 0)) return -1;
-        cs_bus_jump = &jump;
-        memcpy(dst, src, n);
-        cs_bus_jump = NULL;
-        return 0;
-    }
-
-    static int cs_rwlock_init(pthread_rwlock_t *lock) {
-        pthread_rwlockattr_t attr;
-        int rc;
-        if (pthread_rwlockattr_init(&attr) != 0) return -1;
-    #if defined(__GLIBC__)
-        /* Writers must not starve behind a stream of readers. */
-        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    #endif
-        rc = pthread_rwlock_init(lock, &attr);
-        pthread_rwlockattr_destroy(&attr);
-        return rc == 0 ? 0 : -1;
-    }
-
-    /* Copy n uint32 (or uint64) values between host order and little-endian bytes. */
-    static void cs_le32_copy(void *dst, const void *src, size_t n) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        size_t i; uint32_t v;
-        for (i = 0; i < n; i++) {
-            memcpy(&v, (const char *)src + 4 * i, 4); v = __builtin_bswap32(v);
-            memcpy((char *)dst + 4 * i, &v, 4);
-        }
-    #else
-        memcpy(dst, src, 4 * n);
-    #endif
-    }
-
-    /* CRC-32 (zlib's), slice-by-8 where the host is little-endian. */
-    static uint32_t cs_crc_table[8][256];
-
-    static void cs_crc32_init(void) {
-        uint32_t i, c;
-        int k;
-        for (i = 0; i < 256; i++) {
-            c = i;
-            for (k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            cs_crc_table[0][i] = c;
-        }
-        for (i = 0; i < 256; i++) {
-            c = cs_crc_table[0][i];
-            for (k = 1; k < 8; k++) {
-                c = cs_crc_table[0][c & 0xff] ^ (c >> 8);
-                cs_crc_table[k][i] = c;
-            }
-        }
-    }
-
-    static uint32_t cs_crc32(const unsigned char *p, size_t n) {
-        uint32_t crc = 0xFFFFFFFFu;
-    #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        uint32_t one, two;
-        while (n && ((uintptr_t)p & 7)) { crc = cs_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8); n--; }
-        while (n >= 8) {
-            memcpy(&one, p, 4);
-            memcpy(&two, p + 4, 4);
-            one ^= crc;
-            crc = cs_crc_table[7][one & 0xff] ^ cs_crc_table[6][(one >> 8) & 0xff]
-                ^ cs_crc_table[5][(one >> 16) & 0xff] ^ cs_crc_table[4][one >> 24]
-                ^ cs_crc_table[3][two & 0xff] ^ cs_crc_table[2][(two >> 8) & 0xff]
-                ^ cs_crc_table[1][(two >> 16) & 0xff] ^ cs_crc_table[0][two >> 24];
-            p += 8;
-            n -= 8;
-        }
-    #endif
-        while (n--) crc = cs_crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
-        return crc ^ 0xFFFFFFFFu;
-    }
-
-    static void cs_le64_copy(void *dst, const void *src, size_t n) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        size_t i; uint64_t v;
-        for (i = 0; i < n; i++) {
-            memcpy(&v, (const char *)src + 8 * i, 8); v = __builtin_bswap64(v);
-            memcpy((char *)dst + 8 * i, &v, 8);
-        }
-    #else
-        memcpy(dst, src, 8 * n);
-    #endif
-    }
-    """
-    int cs_rwlock_init(pthread_rwlock_t *lock) nogil
-    int cs_bus_guard_install() nogil
-    int cs_guarded_copy(void *dst, const void *src, size_t n) nogil
-    void cs_crc32_init()
-    uint32_t cs_crc32(const unsigned char *p, size_t n) nogil
-    void cs_le32_copy(void *dst, const void *src, size_t n) nogil
-    void cs_le64_copy(void *dst, const void *src, size_t n) nogil
 
 
 cs_crc32_init()
@@ -1363,12 +1194,6 @@ cdef bytes _directory(State *st, Map *m):
 cdef class Engine:
     """Chunk pool and maps of one store. Thread-safe: reads run in parallel, changes alone."""
 
-    cdef State st
-    cdef pthread_rwlock_t lock
-    cdef bint lock_ready
-    cdef pthread_t writer       # the thread holding the lock exclusively while running Python code
-    cdef bint writer_active
-
     def __cinit__(self, fd, chunk_size, page_entries):
         cdef uint64_t shift = 0
         if chunk_size <= 0 or chunk_size & (chunk_size - 1):
@@ -2469,13 +2294,6 @@ cdef class VolumeBase:
     `cowstore.volume.Volume` adds the rest (flush, extents, a file object) and `_reclaim`,
     which makes room when the pool is full so that a write retries once.
     """
-
-    cdef Engine _engine
-    cdef int64_t _mid
-    cdef object _key
-    cdef int64_t _size
-    cdef bint _readonly
-    cdef bint _closed
 
     def _attach(self, Engine engine not None, map_id, key, size, bint readonly):
         self._engine = engine

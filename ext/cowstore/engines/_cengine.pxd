@@ -1,15 +1,8 @@
 # cython: language_level=3
-"""C declarations of `cowstore._cengine`: the plain C structs behind the Engine.
+"""Declarations of `cowstore.engines._cengine`: the C structs of the engine and its two classes.
 
-Nothing here is a Python object: pages, maps, refcounts and the change lists live in
-malloc'd memory owned by one `State` (every C field of the Engine but its lock), guarded
-by the Engine's rwlock.
-
-setup.py compiles ext/_cengine.pyx as the module `cowstore._cengine`, for which Cython
-looks for `cowstore/_cengine.pxd`, not this file; so the .pyx cimports this file by its
-own name (`from _cengine cimport ...`). That is also why `cdef class Engine` is declared
-in the .pyx: a class declared here would be imported at run time from a module `_cengine`
-that does not exist. Keep this file to plain C declarations.
+Cython pairs a module with the .pxd of the same full dotted name, so this file sits at
+ext/cowstore/engines/ beside the .pyx: the classes declared here are the module's own.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -27,6 +20,25 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
     pthread_t pthread_self()
     int pthread_equal(pthread_t a, pthread_t b)
+
+
+cdef extern from "cs_sigbus.h" nogil:
+    int cs_bus_guard_install()
+    int cs_guarded_copy(void *dst, const void *src, size_t n)
+
+
+cdef extern from "cs_crc32.h" nogil:
+    void cs_crc32_init()
+    uint32_t cs_crc32(const unsigned char *p, size_t n)
+
+
+cdef extern from "cs_byteorder.h" nogil:
+    void cs_le32_copy(void *dst, const void *src, size_t n)
+    void cs_le64_copy(void *dst, const void *src, size_t n)
+
+
+cdef extern from "cs_rwlock.h" nogil:
+    int cs_rwlock_init(pthread_rwlock_t *lock)
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -155,3 +167,36 @@ cdef struct State:
     bint running            # finish_load called, or slot refcounts touched
     bint verify             # reads check the sums of chunks that have one
     bint closed             # close() ran: no more I/O, the mapping is gone
+
+
+cdef class Engine:
+    cdef State st
+    cdef pthread_rwlock_t lock
+    cdef bint lock_ready
+    cdef pthread_t writer       # the thread holding the lock exclusively while running Python code
+    cdef bint writer_active
+
+    cdef int _enter(self) except -1
+    cdef int _as_nchunks(self, object nchunks, object map_id, uint64_t *out) except -1
+    cdef void _io_read(self, int64_t key, bint fits, int64_t off, int64_t n, unsigned char *buf,
+                       Err *err) noexcept
+    cdef void _io_write(self, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                        Err *err) noexcept
+    cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
+                   bint readonly) except -1
+    cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1
+
+
+cdef class VolumeBase:
+    cdef Engine _engine
+    cdef int64_t _mid
+    cdef object _key
+    cdef int64_t _size
+    cdef bint _readonly
+    cdef bint _closed
+
+    cdef int _check(self, object offset, object length, int64_t *off, int64_t *n, int64_t max_length) except -1
+    cdef int _check_writable(self) except -1
+    cdef object _error(self, Err *err, int64_t off, int64_t n)
+    cdef int _read(self, unsigned char *buf, int64_t off, int64_t n) except -1
+    cdef int _write(self, const unsigned char *data, int64_t off, int64_t n) except -1
