@@ -11,15 +11,8 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_rwlock_t:
         pass
-    ctypedef unsigned long pthread_t
-    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_unlock(pthread_rwlock_t *lock)
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
-    pthread_t pthread_self()
-    int pthread_equal(pthread_t a, pthread_t b)
 
 
 cdef extern from "cs_sigbus.h" nogil:
@@ -39,6 +32,9 @@ cdef extern from "cs_byteorder.h" nogil:
 
 cdef extern from "cs_rwlock.h" nogil:
     int cs_rwlock_init(pthread_rwlock_t *lock)
+    int cs_rwlock_take(pthread_rwlock_t *lock, int exclusive)
+    int cs_rwlock_try(pthread_rwlock_t *lock, int exclusive)
+    const pthread_rwlock_t *cs_rwlock_mark_python(const pthread_rwlock_t *lock)
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -98,12 +94,27 @@ cdef struct PtrVec:
     size_t cap
 
 
-# An error raised by a C routine, turned into a Python exception once the lock is released.
+# An error of a core function, turned into a Python exception once the lock is released
+# (ext/core/errors.pxi: the kinds, and what a and b mean for each).
 cdef struct Err:
     int kind
     int errnum
     int64_t a
     int64_t b
+
+
+# A map id from Python: not `valid` when the object can name no map (not an int64).
+cdef struct Key:
+    int64_t id
+    bint valid
+
+
+cdef struct PoolStats:
+    uint64_t slots
+    uint64_t used
+    uint64_t free
+    uint64_t pending
+    uint64_t maps
 
 
 # Result runs of depth_runs and diff_runs, gathered under the lock, turned into lists after.
@@ -169,19 +180,20 @@ cdef struct State:
     bint closed             # close() ran: no more I/O, the mapping is gone
 
 
+
 cdef class Engine:
     cdef State st
-    cdef pthread_rwlock_t lock
-    cdef bint lock_ready
-    cdef pthread_t writer       # the thread holding the lock exclusively while running Python code
-    cdef bint writer_active
+    cdef pthread_rwlock_t rwlock
+    cdef bint rwlock_ready
 
-    cdef int _enter(self) except -1
-    cdef int _as_nchunks(self, object nchunks, object map_id, uint64_t *out) except -1
-    cdef void _io_read(self, int64_t key, bint fits, int64_t off, int64_t n, unsigned char *buf,
-                       Err *err) noexcept
-    cdef void _io_write(self, int64_t key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+    cdef int lock(self, bint exclusive, Err *err) noexcept nogil
+    cdef void unlock(self) noexcept nogil
+    cdef const pthread_rwlock_t *lock_python(self, bint exclusive) except? NULL
+    cdef void unlock_python(self, const pthread_rwlock_t *outer) noexcept
+    cdef void read_into(self, Key key, bint fits, int64_t off, int64_t n, unsigned char *buf,
                         Err *err) noexcept
+    cdef void write_from(self, Key key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                         Err *err) noexcept
     cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
                    bint readonly) except -1
     cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1
@@ -189,7 +201,7 @@ cdef class Engine:
 
 cdef class VolumeBase:
     cdef Engine _engine
-    cdef int64_t _mid
+    cdef Key _map
     cdef object _key
     cdef int64_t _size
     cdef bint _readonly
@@ -197,6 +209,5 @@ cdef class VolumeBase:
 
     cdef int _check(self, object offset, object length, int64_t *off, int64_t *n, int64_t max_length) except -1
     cdef int _check_writable(self) except -1
-    cdef object _error(self, Err *err, int64_t off, int64_t n)
     cdef int _read(self, unsigned char *buf, int64_t off, int64_t n) except -1
     cdef int _write(self, const unsigned char *data, int64_t off, int64_t n) except -1
