@@ -79,6 +79,9 @@ cdef class Engine:
             raise MemoryError("cannot create the engine's lock")
         self.rwlock_ready = True
 
+    def __init__(self, fd, chunk_size, page_entries):
+        """An engine with no maps on the data file `fd` (`__cinit__` did the work)."""
+
     def __dealloc__(self):
         state_free(&self.st)
         if self.rwlock_ready:

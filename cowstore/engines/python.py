@@ -534,7 +534,7 @@ class Engine:
         if zero and (old == 0 or len(piece) == self._cs):
             return False
         page = m.pages[chunk // self._pe]
-        return not (old and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
+        return not (old and page is not None and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
 
     def _reserve(self, slots: int) -> None:
         """Refuse, before changing anything, a write that needs more new slots than the pool has."""
@@ -576,12 +576,14 @@ class Engine:
         full = n == self._cs
         page = m.pages[chunk // self._pe]
         i = chunk % self._pe
-        if old and self._refs[old & MAX_SLOT] == 1 and not (full and zero) and page.refs == 1:
+        in_place = old and self._refs[old & MAX_SLOT] == 1 and not (full and zero)
+        if in_place and page is not None and page.refs == 1:
             self._write_in_place(m, page, chunk, within, piece)
             return
         page = self._page_for_write(m, chunk // self._pe)
         old = page.entries[i]
         bits = 0
+        data: memoryview | bytearray
         if full and zero:
             new = 0
         elif old and self._refs[old & MAX_SLOT] == 1:

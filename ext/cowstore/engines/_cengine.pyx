@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False, overflowcheck=False, binding=True
+# cython: auto_pickle=False, autotestdict=False
 """The Cython engine: the same interface, semantics and bytes as `cowstore.engines.python`.
 
 This file is the module's root: it holds only the compiler directives, the imports and the
