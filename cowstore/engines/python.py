@@ -1,4 +1,4 @@
-"""The pure-Python engine: the readable reference for `ext/_cengine.pyx`, and its fallback.
+"""The pure-Python engine: the readable reference for the Cython one (`ext/`), and its fallback.
 
 The engine owns the chunk pool (one data file, addressed by slot) and every map. A map is
 resolved (it names every chunk visible in its snapshot, own and inherited) and split into

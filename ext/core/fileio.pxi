@@ -105,7 +105,7 @@ cdef inline bint copies_in(State *st, uint32_t slot, uint64_t n, uint64_t off) n
 
 
 cdef int data_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint64_t n, uint64_t off,
-                      Err *err) noexcept nogil:
+                        Err *err) noexcept nogil:
     """Overwrite bytes the file already holds (so no fault can mean a full disk) in `slot`.
 
     A fresh slot is written by a copy into the mapping: a process killed in the middle of

@@ -34,7 +34,7 @@ cdef inline uint32_t checked_sum(State *st, Map *m, uint64_t chunk) noexcept nog
 
 
 cdef int map_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t n, Err *err,
-                 unsigned char **tmp) noexcept nogil:
+                  unsigned char **tmp) noexcept nogil:
     """Fill buf from the map; runs of chunks in consecutive slots are one pread, runs of
     unallocated chunks one memset. A chunk with a sum to check is read whole (into the
     caller's buffer when the piece is the whole chunk, else into *tmp, allocated here)."""
@@ -161,7 +161,7 @@ cdef int partial_fill(State *st, Map *m, uint64_t chunk, uint32_t slot, uint32_t
 
 
 cdef int partial_fill_edge(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, uint64_t base,
-                   Err *err) noexcept nogil:
+                           Err *err) noexcept nogil:
     """Bring the parent's bytes into part of a sub-block a write covers only partly."""
     cdef unsigned char *tmp = NULL
     cdef unsigned char *edge = <unsigned char *>malloc(n)
@@ -193,8 +193,8 @@ cdef int chunk_write_reserve(State *st, bint partial) noexcept nogil:
 
 
 cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uint64_t within,
-                        const unsigned char *piece, uint64_t n, Err *err) noexcept nogil:
-    """The reference's _write_in_place: the chunk changes, so its sum goes (piece NULL:
+                              const unsigned char *piece, uint64_t n, Err *err) noexcept nogil:
+    """python.py's _write_in_place: the chunk changes, so its sum goes (piece NULL:
     zeros); a partial chunk gains the sub-blocks written, and is whole once it has all."""
     cdef uint64_t i = chunk % st.pe, lo, hi, sub = st.sub
     cdef uint32_t e = ents(page)[i]
@@ -241,7 +241,7 @@ cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uin
 
 cdef int chunk_write(State *st, Map *m, uint64_t chunk, uint64_t within, const unsigned char *piece,
                      uint64_t n, Err *err) noexcept nogil:
-    """The reference's _write_chunk; piece NULL writes zeros."""
+    """python.py's _write_chunk; piece NULL writes zeros."""
     cdef uint64_t index = chunk / st.pe, i = chunk % st.pe, cs = st.cs, lo = 0, hi = cs
     cdef Page *page = m.pages[index]
     cdef uint32_t old = ents(page)[i] if page != NULL else 0
@@ -270,7 +270,7 @@ cdef int chunk_write(State *st, Map *m, uint64_t chunk, uint64_t within, const u
         return -1
     old = ents(page)[i]
     if not (full and zero):
-        # (the reference's in-place branch here is unreachable: a page just made exclusive
+        # (python.py's in-place branch here is unreachable: a page just made exclusive
         # by copying holds each of its slots at least twice)
         if full:
             src = piece

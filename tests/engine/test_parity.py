@@ -1,4 +1,4 @@
-"""The two engines, `cowstore._pyengine` (the reference) and `cowstore._cengine` (Cython),
+"""The two engines, `cowstore.engines.python` (the reference) and `cowstore.engines._cengine` (Cython),
 have one interface and one behaviour: same reads, same errors, same durable bytes."""
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
 # cython: language_level=3
-"""Declarations of `cowstore.engines._cengine`: the C structs of the engine and its two classes.
+"""Declarations of `cowstore.engines._cengine`: the C structs of the engine, the C it calls
+(ext/include/*.h) and its two classes.
 
-Cython pairs a module with the .pxd of the same full dotted name, so this file sits at
-ext/cowstore/engines/ beside the .pyx: the classes declared here are the module's own.
+Cython pairs a module with the .pxd of its full dotted name, so this file and the .pyx sit
+at ext/cowstore/engines/ (setup.py builds the module `cowstore.engines._cengine`): the
+classes declared here are the module's own, not imported from elsewhere at run time.
+
+Nothing in `State` is a Python object: pages, maps, refcounts and the change lists live in
+malloc'd memory, guarded by the Engine's rwlock.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -182,6 +187,7 @@ cdef struct State:
 
 
 cdef class Engine:
+    # The binding (ext/engine.pxi): State is the core's, the lock is taken through `lock`.
     cdef State st
     cdef pthread_rwlock_t rwlock
     cdef bint rwlock_ready
@@ -200,6 +206,7 @@ cdef class Engine:
 
 
 cdef class VolumeBase:
+    # The binding (ext/volume.pxi): one map of an engine, I/O through Engine.read_into/write_from.
     cdef Engine _engine
     cdef Key _map
     cdef object _key

@@ -3,11 +3,15 @@
 # cython: auto_pickle=False, autotestdict=False
 """The Cython engine: the same interface, semantics and bytes as `cowstore.engines.python`.
 
-This file is the module's root: it holds only the compiler directives, the imports and the
-includes. The engine core is plain C in ext/core/ (one file per concern, no Python
-object but where results are handed over), the binding of `Engine` and `VolumeBase` in
-ext/engine.pxi and ext/volume.pxi, the structs and class declarations in `_cengine.pxd`,
-and the C that is no Cython (SIGBUS guard, CRC-32, byte order, the lock) in ext/include/.
+This file is the module's root: compiler directives, imports and includes only.
+- ext/core/*.pxi, the engine core, one file per concern: nogil C on a `State`, but where
+  results are handed over as Python objects. A function that can fail returns -1 (or
+  NULL) and fills an `Err` (core/errors.pxi); functions are named for what they work on
+  (slot_, page_, map_, data_ for the data file, pool_, io_ for the I/O entry points).
+- ext/engine.pxi, ext/volume.pxi, the binding: convert the arguments, take the lock
+  through `Engine.lock`, call one core function, raise through `error`.
+- _cengine.pxd: the structs and the two classes; ext/include/*.h: the C that is not
+  Cython (SIGBUS guard, CRC-32, byte order, the lock).
 
 Every piece of metadata is plain C: a page is one malloc'd block, a
 16-byte header then `page_entries` uint32 slots and as many uint32 chunk sums (12 bytes
