@@ -6,6 +6,7 @@ of its full dotted name. The pieces it includes (core/, the binding) are found t
 """
 
 import os
+from glob import glob
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -19,6 +20,8 @@ setup(
                 "cowstore.engines._cengine",
                 ["ext/cowstore/engines/_cengine.pyx"],
                 include_dirs=["ext/include"],
+                # Every source the module is built from, so that an sdist holds them.
+                depends=sorted(glob("ext/**/*.p[xy][xid]", recursive=True) + glob("ext/include/*.h")),
                 extra_compile_args=["-O3", *extra],
                 extra_link_args=extra,
             )
