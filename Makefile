@@ -42,4 +42,4 @@ sanitize: $(STAMP)
 		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so
+	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so ext/*.c
