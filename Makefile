@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py ext/_cengine.pyx ext/_cengine.pxd 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $$(find ext -type f | sort) 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint bench stress sanitize clean
 

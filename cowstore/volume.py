@@ -6,40 +6,36 @@ import io
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from .engines import ENGINES
+from .engines import python as _python
 from .errors import InvalidArgument, NotFound
 from .types import Extent, Kind
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
-
     from .store import Store, _Snapshot
 
+    # The I/O interface (pread, pwrite, key, size, ...) is declared once, by the pure
+    # engine's VolumeBase; at run time each engine's subclass below brings its own.
+    _VolumeBase = _python.VolumeBase
+else:
+    _VolumeBase = object
 
-class Volume:
+
+class Volume(_VolumeBase):
     """A handle to an active (read-write) or view (read-only) snapshot.
 
     Offsets and lengths are bytes and need not be aligned. Thread-safe. The hot methods
     (`pread`, `preadinto`, `pwrite`, `write_zeroes`, `close`) and the attributes `key`,
     `size`, `readonly` and `closed` come from the engine's `VolumeBase`, so that with the
     Cython engine a call goes straight to C; this class holds the rest. Each engine has
-    its own subclass (`volume_class`); both are instances of this one.
+    its own subclass, `PythonVolume` and `CythonVolume` (`volume_class` picks it); both are
+    instances of this one.
     """
 
-    __slots__ = ()
-
-    if TYPE_CHECKING:
-        key: str
-        size: int
-        readonly: bool
-        closed: bool
-
-        def _attach(self, engine: object, map_id: int, key: str, size: int, readonly: bool) -> None: ...
-        def _check_range(self, offset: int, length: int, max_length: int = ...) -> None: ...
-        def pread(self, length: int, offset: int) -> bytes: ...
-        def preadinto(self, buffer: WriteableBuffer, offset: int) -> int: ...
-        def pwrite(self, data: ReadableBuffer, offset: int) -> int: ...
-        def write_zeroes(self, offset: int, length: int) -> None: ...
-        def close(self) -> None: ...
+    if not TYPE_CHECKING:
+        # No instance layout of its own, so that it combines with the C base class; the
+        # subclasses below hold `_store` and `_snapshot`.
+        __slots__ = ()
 
     _store: Store
     _snapshot: _Snapshot
@@ -93,21 +89,28 @@ class Volume:
         self.close()
 
 
-_classes: dict[ModuleType, type[Volume]] = {}
+class PythonVolume(Volume, _python.VolumeBase):
+    """A `Volume` of the pure-Python engine."""
+
+    __slots__ = ("_snapshot", "_store")
+
+
+_classes: dict[ModuleType, type[Volume]] = {_python: PythonVolume}
+
+if "cython" in ENGINES:
+    from .engines._cengine import VolumeBase as _CythonVolumeBase
+
+    class CythonVolume(Volume, _CythonVolumeBase):
+        """A `Volume` of the Cython engine: its I/O methods are C."""
+
+        __slots__ = ("_snapshot", "_store")
+
+    _classes[ENGINES["cython"]] = CythonVolume
 
 
 def volume_class(engine_module: ModuleType) -> type[Volume]:
     """The `Volume` subclass whose hot half is `engine_module.VolumeBase`."""
-    cls = _classes.get(engine_module)
-    if cls is None:
-        cls = type(
-            "Volume",
-            (Volume, engine_module.VolumeBase),
-            {"__slots__": ("_store", "_snapshot"), "__module__": __name__, "__doc__": Volume.__doc__},
-        )
-        cls.__qualname__ = f"Volume[{engine_module.__name__.rpartition('.')[2]}]"
-        _classes[engine_module] = cls
-    return cls
+    return _classes[engine_module]
 
 
 class VolumeFile(io.RawIOBase):

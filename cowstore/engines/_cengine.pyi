@@ -4,7 +4,9 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from _typeshed import ReadableBuffer, WriteableBuffer
+from typing_extensions import disjoint_base
 
+from cowstore.engines import python as _python
 from cowstore.engines.format import PARTIAL as PARTIAL
 from cowstore.engines.format import SUB_BLOCKS as SUB_BLOCKS
 from cowstore.engines.format import Changes as Changes
@@ -19,6 +21,10 @@ from cowstore.errors import ReadOnly as ReadOnly
 MAX_SLOT: Final[int]
 MAX_IO: Final[int]
 
+def _format_constants() -> dict[str, int]:
+    """The format values compiled into this module, by the names `format.py` gives them."""
+
+@disjoint_base
 class Engine:
     """Chunk pool and maps of one store. Thread-safe: reads run in parallel, changes alone."""
 
@@ -69,22 +75,6 @@ class Engine:
     def take_changes(self) -> Changes: ...
     def release(self, freed: Iterable[int]) -> None: ...
 
-class VolumeBase:
-    """The hot half of `cowstore.Volume`: argument checks and I/O on one map, in C."""
-
-    def _attach(self, engine: Engine, map_id: int, key: str, size: int, readonly: bool) -> None: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def readonly(self) -> bool: ...
-    @property
-    def closed(self) -> bool: ...
-    def close(self) -> None: ...
-    def _reclaim(self) -> bool: ...
-    def _check_range(self, offset: int, length: int, max_length: int = ...) -> None: ...
-    def pread(self, length: int, offset: int) -> bytes: ...
-    def preadinto(self, buffer: WriteableBuffer, offset: int) -> int: ...
-    def pwrite(self, data: ReadableBuffer, offset: int) -> int: ...
-    def write_zeroes(self, offset: int, length: int) -> None: ...
+@disjoint_base
+class VolumeBase(_python.VolumeBase):
+    """The hot half of `cowstore.Volume`, in C: the interface of `cowstore.engines.python.VolumeBase`."""

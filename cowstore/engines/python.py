@@ -1,4 +1,4 @@
-"""The pure-Python engine: the readable reference for `ext/_cengine.pyx`, and its fallback.
+"""The pure-Python engine: the readable reference for the Cython one (`ext/`), and its fallback.
 
 The engine owns the chunk pool (one data file, addressed by slot) and every map. A map is
 resolved (it names every chunk visible in its snapshot, own and inherited) and split into
@@ -31,7 +31,6 @@ import threading
 import typing
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from typing import cast
 
 from .. import fallocate as _fs
 from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
@@ -539,8 +538,8 @@ class Engine:
         zero = piece.tobytes().count(0) == len(piece)
         if zero and (old == 0 or len(piece) == self._cs):
             return False
-        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
-        return not (old and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
+        page = m.pages[chunk // self._pe]
+        return not (old and page is not None and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
 
     def _reserve(self, slots: int) -> None:
         """Refuse, before changing anything, a write that needs more new slots than the pool has."""
@@ -584,9 +583,10 @@ class Engine:
         if old == 0 and zero:
             return
         full = n == self._cs
-        page = cast(_Page, m.pages[chunk // self._pe])  # not None where read: old names a slot
+        page = m.pages[chunk // self._pe]
         i = chunk % self._pe
-        if old and self._refs[old & MAX_SLOT] == 1 and not (full and zero) and page.refs == 1:
+        in_place = old and self._refs[old & MAX_SLOT] == 1 and not (full and zero)
+        if in_place and page is not None and page.refs == 1:
             self._write_in_place(m, page, chunk, within, piece)
             return
         page = self._page_for_write(m, chunk // self._pe)

@@ -1,10 +1,11 @@
-"""The two engines, `cowstore._pyengine` (the reference) and `cowstore._cengine` (Cython),
+"""The two engines, `cowstore.engines.python` (the reference) and `cowstore.engines._cengine` (Cython),
 have one interface and one behaviour: same reads, same errors, same durable bytes."""
 
 from __future__ import annotations
 
 import array
 import errno
+import gc
 import inspect
 import os
 import random
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from cowstore.engines import format as fmt
 from cowstore.engines import python as _pyengine
 from cowstore.engines.format import PARTIAL
 from cowstore.errors import Closed, Corruption, NoSpace
@@ -141,14 +143,65 @@ def test_both_modules_export_the_same_public_names():
             "chunk_sum",
         }
     )
-    assert _cengine.Changes is _pyengine.Changes
-    assert _cengine.chunk_sum is _pyengine.chunk_sum
-    assert _cengine.MAX_SLOT == _pyengine.MAX_SLOT == 0x7FFFFFFF
-    assert _cengine.PARTIAL == _pyengine.PARTIAL == 1 << 31
-    assert _cengine.SUB_BLOCKS == _pyengine.SUB_BLOCKS == 32
     # Everything else the reference module has is there only because it imports it.
     public = {n for n in dir(_pyengine) if not n.startswith("_")}
     assert {n for n in dir(_cengine) if not n.startswith("_")} <= public
+
+
+@needs_c
+def test_the_c_code_is_compiled_with_the_values_of_format_py():
+    """The one enum of ext/core/format.pxi, as the compiled code sees it, against format.py."""
+    assert _cengine._format_constants() == {
+        "PARTIAL": fmt.PARTIAL,
+        "MAX_SLOT": fmt.MAX_SLOT,
+        "SUB_BLOCKS": fmt.SUB_BLOCKS,
+        "FULL_BITS": fmt.FULL_BITS,
+        "page_size(1)": fmt.page_size(1),
+        "directory item": len(fmt.encode_directory([0])),
+    }
+
+
+def test_sealed_sums_are_format_chunk_sums(engine):
+    data = pattern(3 * CS, 5)
+    engine.create_map(1, 3)
+    engine.write(1, data, 0)
+    engine.write(1, bytes(CS), 2 * CS)  # zeros: no slot, so no sum
+    assert engine.seal(1) == 2
+    (page,) = engine.take_changes().pages
+    entries, sums = fmt.decode_page(page[1], PE)
+    assert list(sums) == [fmt.chunk_sum(data[:CS]), fmt.chunk_sum(data[CS : 2 * CS]), 0, 0]
+    assert entries[2] == 0
+
+
+@needs_c
+def test_a_call_back_into_the_engine_under_its_lock_fails_instead_of_deadlocking(data_fd):
+    """take_changes builds Python objects under the lock: a finalizer (here a GC callback)
+    that calls the engine on the same thread gets RuntimeError; another thread waits."""
+    engine = _cengine.Engine(data_fd, CS, PE)
+    for map_id in range(1, 40):
+        engine.create_map(map_id, 2 * PE)
+        engine.write(map_id, b"x", 0)
+    seen: list[BaseException | None] = []
+
+    def call_back(phase: str, info: dict) -> None:
+        if phase == "start":
+            try:
+                engine.stats()
+            except RuntimeError as exc:
+                seen.append(exc)
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(call_back)
+    gc.set_threshold(1)
+    try:
+        changes = engine.take_changes()
+    finally:
+        gc.callbacks.remove(call_back)
+        gc.set_threshold(*threshold)
+    assert len(changes.maps) == 39
+    assert seen, "no collection ran inside take_changes"
+    assert "re-entered" in str(seen[0])
+    assert engine.stats()["maps"] == 39
 
 
 @needs_c

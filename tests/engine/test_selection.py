@@ -53,3 +53,19 @@ def test_unknown_engine_name_is_rejected():
         assert "fortran" in str(exc)
     else:
         raise AssertionError("engine='fortran' was accepted")
+
+
+def test_each_engine_has_a_volume_class_whose_hot_methods_are_the_engines():
+    from cowstore.volume import Volume, volume_class
+
+    for name, module in engines.ENGINES.items():
+        cls = volume_class(module)
+        assert issubclass(cls, Volume) and issubclass(cls, module.VolumeBase), name
+        for method in ("pread", "preadinto", "pwrite", "write_zeroes", "close"):
+            assert getattr(cls, method) is getattr(module.VolumeBase, method), (name, method)
+        assert cls._reclaim is Volume._reclaim, name
+        store = cowstore.memory(engine=name)
+        volume = store.prepare("a", size=4096)
+        assert type(volume) is cls
+        assert repr(volume) == "<cowstore.Volume 'a' size=4096 rw>"
+        store.close()

@@ -1,15 +1,13 @@
 # cython: language_level=3
-"""C declarations of `cowstore._cengine`: the plain C structs behind the Engine.
+"""Declarations of `cowstore.engines._cengine`: the C structs of the engine, the C it calls
+(ext/include/*.h) and its two classes.
 
-Nothing here is a Python object: pages, maps, refcounts and the change lists live in
-malloc'd memory owned by one `State` (every C field of the Engine but its lock), guarded
-by the Engine's rwlock.
+Cython pairs a module with the .pxd of its full dotted name, so this file and the .pyx sit
+at ext/cowstore/engines/ (setup.py builds the module `cowstore.engines._cengine`): the
+classes declared here are the module's own, not imported from elsewhere at run time.
 
-setup.py compiles ext/_cengine.pyx as the module `cowstore._cengine`, for which Cython
-looks for `cowstore/_cengine.pxd`, not this file; so the .pyx cimports this file by its
-own name (`from _cengine cimport ...`). That is also why `cdef class Engine` is declared
-in the .pyx: a class declared here would be imported at run time from a module `_cengine`
-that does not exist. Keep this file to plain C declarations.
+Nothing in `State` is a Python object: pages, maps, refcounts and the change lists live in
+malloc'd memory, guarded by the Engine's rwlock.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
@@ -18,15 +16,30 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 cdef extern from "<pthread.h>" nogil:
     ctypedef struct pthread_rwlock_t:
         pass
-    ctypedef unsigned long pthread_t
-    int pthread_rwlock_rdlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_wrlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_tryrdlock(pthread_rwlock_t *lock)
-    int pthread_rwlock_trywrlock(pthread_rwlock_t *lock)
     int pthread_rwlock_unlock(pthread_rwlock_t *lock)
     int pthread_rwlock_destroy(pthread_rwlock_t *lock)
-    pthread_t pthread_self()
-    int pthread_equal(pthread_t a, pthread_t b)
+
+
+cdef extern from "cs_sigbus.h" nogil:
+    int cs_bus_guard_install()
+    int cs_guarded_copy(void *dst, const void *src, size_t n)
+
+
+cdef extern from "cs_crc32.h" nogil:
+    void cs_crc32_init()
+    uint32_t cs_crc32(const unsigned char *p, size_t n)
+
+
+cdef extern from "cs_byteorder.h" nogil:
+    void cs_le32_copy(void *dst, const void *src, size_t n)
+    void cs_le64_copy(void *dst, const void *src, size_t n)
+
+
+cdef extern from "cs_rwlock.h" nogil:
+    int cs_rwlock_init(pthread_rwlock_t *lock)
+    int cs_rwlock_take(pthread_rwlock_t *lock, int exclusive)
+    int cs_rwlock_try(pthread_rwlock_t *lock, int exclusive)
+    const pthread_rwlock_t *cs_rwlock_mark_python(const pthread_rwlock_t *lock)
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -86,12 +99,27 @@ cdef struct PtrVec:
     size_t cap
 
 
-# An error raised by a C routine, turned into a Python exception once the lock is released.
+# An error of a core function, turned into a Python exception once the lock is released
+# (ext/core/errors.pxi: the kinds, and what a and b mean for each).
 cdef struct Err:
     int kind
     int errnum
     int64_t a
     int64_t b
+
+
+# A map id from Python: not `valid` when the object can name no map (not an int64).
+cdef struct Key:
+    int64_t id
+    bint valid
+
+
+cdef struct PoolStats:
+    uint64_t slots
+    uint64_t used
+    uint64_t free
+    uint64_t pending
+    uint64_t maps
 
 
 # Result runs of depth_runs and diff_runs, gathered under the lock, turned into lists after.
@@ -155,3 +183,38 @@ cdef struct State:
     bint running            # finish_load called, or slot refcounts touched
     bint verify             # reads check the sums of chunks that have one
     bint closed             # close() ran: no more I/O, the mapping is gone
+
+
+
+cdef class Engine:
+    # The binding (ext/engine.pxi): State is the core's, the lock is taken through `lock`.
+    cdef State st
+    cdef pthread_rwlock_t rwlock
+    cdef bint rwlock_ready
+
+    cdef int lock(self, bint exclusive, Err *err) noexcept nogil
+    cdef void unlock(self) noexcept nogil
+    cdef const pthread_rwlock_t *lock_python(self, bint exclusive) except? NULL
+    cdef void unlock_python(self, const pthread_rwlock_t *outer) noexcept
+    cdef void read_into(self, Key key, bint fits, int64_t off, int64_t n, unsigned char *buf,
+                        Err *err) noexcept
+    cdef void write_from(self, Key key, bint fits, int64_t off, int64_t n, const unsigned char *data,
+                         Err *err) noexcept
+    cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
+                   bint readonly) except -1
+    cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1
+
+
+cdef class VolumeBase:
+    # The binding (ext/volume.pxi): one map of an engine, I/O through Engine.read_into/write_from.
+    cdef Engine _engine
+    cdef Key _map
+    cdef object _key
+    cdef int64_t _size
+    cdef bint _readonly
+    cdef bint _closed
+
+    cdef int _check(self, object offset, object length, int64_t *off, int64_t *n, int64_t max_length) except -1
+    cdef int _check_writable(self) except -1
+    cdef int _read(self, unsigned char *buf, int64_t off, int64_t n) except -1
+    cdef int _write(self, const unsigned char *data, int64_t off, int64_t n) except -1
