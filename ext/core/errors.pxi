@@ -11,6 +11,7 @@ cdef enum:
     E_CORRUPT       # a: data-file offset of the short read
     E_CHECKSUM      # a: chunk, b: slot
     E_OS            # errnum
+    E_FULL          # errnum: the file system holding the data file is full (ENOSPC, EDQUOT)
     E_NOMEM
     E_CLOSED
     E_REENTERED     # this thread holds the lock while it runs Python code
@@ -59,6 +60,8 @@ cdef object error(State *st, Err *err, tuple args, object offset=None, object le
         return exc
     if kind == E_OS:
         return OSError(err.errnum, _strerror(err.errnum))
+    if kind == E_FULL:
+        return NoSpace(f"the file system holding the data file is full: {_strerror(err.errnum)}")
     if kind == E_NOMEM:
         return MemoryError()
     if kind == E_CLOSED:

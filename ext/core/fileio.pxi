@@ -35,7 +35,7 @@ cdef int fd_pwrite_full(int fd, const unsigned char *buf, uint64_t n, uint64_t o
         if r < 0:
             if errno == EINTR:
                 continue
-            err.kind = E_OS
+            err.kind = E_FULL if errno == ENOSPC or errno == EDQUOT else E_OS
             err.errnum = errno
             return -1
         if r == 0:

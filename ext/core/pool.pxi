@@ -60,8 +60,11 @@ cdef inline void slot_free_push(State *st, uint32_t s) noexcept nogil:
 cdef void pool_preallocate(State *st) noexcept nogil:
     """Reserve file blocks past the pool's new end (past the file size too, which stays),
     as much as the pool holds, within prealloc_step and max_slots: writes into reserved
-    blocks skip the file system's allocation. Failure only means no reservation."""
+    blocks skip the file system's allocation. The reservation never takes the file
+    system's last free space: it leaves at least prealloc_step free. Failure only means
+    no reservation."""
     cdef uint64_t start = (st.nslots - 1) * st.cs, length
+    cdef statvfs fs
     if start < st.prealloc_end:
         start = st.prealloc_end
     length = start if start > PREALLOC_MIN else PREALLOC_MIN
@@ -71,6 +74,8 @@ cdef void pool_preallocate(State *st) noexcept nogil:
         length = <uint64_t>st.max_slots * st.cs - start if <uint64_t>st.max_slots * st.cs > start else 0
     length = (length + st.cs - 1) & ~st.cs_mask
     if length:
+        if fstatvfs(st.fd, &fs) < 0 or <uint64_t>fs.f_bavail * fs.f_frsize < length + st.prealloc_step:
+            return
         fallocate(st.fd, FALLOC_FL_KEEP_SIZE, <off_t>start, <off_t>length)
     st.prealloc_end = start + length
 

@@ -47,6 +47,13 @@ cdef extern from "<fcntl.h>" nogil:
     int fallocate(int fd, int mode, long offset, long length)
 
 
+cdef extern from "<sys/statvfs.h>" nogil:
+    cdef struct statvfs:
+        unsigned long f_frsize
+        unsigned long f_bavail
+    int fstatvfs(int fd, statvfs *buf)
+
+
 # A page: this header, then `page_entries` uint32 entries (a slot, 0 = unallocated, with
 # the PARTIAL flag in bit 31) and as many uint32 chunk sums (0 = not computed; for a
 # partial entry, the bitmap of its sub-blocks present) in the same allocation (see
