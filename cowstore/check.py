@@ -31,10 +31,14 @@ class Problem:
 
 @dataclass
 class CheckReport:
-    """The result of `Store.check`. `ok` is false when anything is corrupted; leaks alone keep it true."""
+    """The result of `Store.check`. `ok` is false when anything is corrupted; leaks alone keep it true.
+
+    Slot refcounts are derived from the maps, so a slot no map names is free, not leaked:
+    `reclaimable_slots` are the free slots that still hold data in the data file (`compact`
+    and `repair` give that space back). `leaked_pages` are stored pages no map names."""
 
     problems: list[Problem] = field(default_factory=list)
-    leaked_slots: list[int] = field(default_factory=list)
+    reclaimable_slots: list[int] = field(default_factory=list)
     leaked_pages: list[int] = field(default_factory=list)
     snapshots: int = 0
     pages: int = 0
@@ -48,7 +52,7 @@ class CheckReport:
 
     @property
     def leaks(self) -> int:
-        return len(self.leaked_slots) + len(self.leaked_pages)
+        return len(self.leaked_pages)
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -83,12 +87,25 @@ def audit(
     report.slots = nslots
 
     try:
-        rows = {row.id: row for row in meta.snapshots()}
-        pages = dict(meta.pages())
+        scanned = meta.scan_snapshots()
+        scanned_pages = list(meta.scan_pages())
     except Corruption as exc:
         bad.append(Problem(str(exc), "metadata"))
         return report
-    report.snapshots, report.pages = len(rows), len(pages)
+    rows = {row.id: row for row, _ in scanned}
+    unread = set()
+    for row, problem in scanned:
+        if problem is not None:
+            bad.append(Problem(problem, f"snapshot {row.key!r}"))
+            if not row.directory:
+                unread.add(row.id)
+    pages = {page_id: blob for page_id, blob, problem in scanned_pages if problem is None}
+    damaged_pages = set()
+    for page_id, _, problem in scanned_pages:
+        if problem is not None:
+            bad.append(Problem(problem, f"page {page_id}"))
+            damaged_pages.add(page_id)
+    report.snapshots, report.pages = len(rows), len(scanned_pages)
     for row in rows.values():
         where = f"snapshot {row.key!r}"
         if row.parent is not None:
@@ -115,6 +132,8 @@ def audit(
 
     for row in rows.values():
         where = f"snapshot {row.key!r}"
+        if row.id in unread:
+            continue
         if len(row.directory) % 8:
             bad.append(Problem("map directory length is not a multiple of 8", where))
             continue
@@ -125,7 +144,8 @@ def audit(
             if page_id == 0:
                 continue
             if page_id not in pages:
-                bad.append(Problem(f"map names page {page_id}, which does not exist", where))
+                state = "is damaged" if page_id in damaged_pages else "does not exist"
+                bad.append(Problem(f"map names page {page_id}, which {state}", where))
                 continue
             page_refs[page_id] = page_refs.get(page_id, 0) + 1
 
@@ -178,7 +198,7 @@ def audit(
     for start, end in _data_extents(data_fd, file_size):
         for slot in range(start // chunk_size + 1, -(-end // chunk_size) + 1):
             if slot <= nslots and refs[slot] == 0:
-                report.leaked_slots.append(slot)
+                report.reclaimable_slots.append(slot)
 
     if data:
         buf = bytearray(chunk_size)

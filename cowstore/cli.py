@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from . import layout, rawimage, units
-from .check import CheckReport
-from .errors import Error, FailedPrecondition
+from .check import CheckReport, Problem
+from .errors import Corruption, Error, FailedPrecondition
 from .store import Store
 from .types import Info, Kind
 from .units import format_size
@@ -57,16 +57,32 @@ def default_store_path() -> Path:
 
 
 def _store_path(args: argparse.Namespace) -> Path:
+    if args.store == "":
+        raise UsageError("--store is empty: give the store's directory")
     return Path(args.store).expanduser() if args.store else default_store_path()
 
 
 @contextlib.contextmanager
-def _open_store(args: argparse.Namespace) -> Iterator[Store]:
+def _open_store(args: argparse.Namespace, *, readonly: bool = False) -> Iterator[Store]:
     path = _store_path(args)
     if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
-    with layout.open(path) as store:
+    with layout.open(path, readonly=readonly, wait=args.wait) as store:
         yield store
+
+
+WAIT = 10.0
+"""Seconds a command waits for another process to let go of the store, by default."""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid --wait {text!r}: give a number of seconds")
+    return value
 
 
 def _parse_labels(pairs: Sequence[str] | None) -> dict[str, str]:
@@ -266,15 +282,19 @@ def _cmd_init(args: argparse.Namespace) -> int:
     chunk_size = _size(args.chunk_size)
     default_size = _size(args.default_size)
     max_bytes = _size(args.max_bytes)
-    existed = layout.is_store(path)
-    if not existed:
+    if not layout.is_store(path):
         path.parent.mkdir(parents=True, exist_ok=True)
     with layout.open(
-        path, create=True, chunk_size=chunk_size, default_size=default_size, max_bytes=max_bytes
+        path,
+        create=True,
+        chunk_size=chunk_size,
+        default_size=default_size,
+        max_bytes=max_bytes,
+        wait=args.wait,
     ) as store:
         figures = {
             "path": str(path.absolute()),
-            "created": not existed,
+            "created": store.created,
             "chunk_size": store.chunk_size,
             "default_size": store.default_size,
             "max_bytes": store.max_bytes,
@@ -282,7 +302,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(figures)
     else:
-        what = "created store" if not existed else "store exists"
+        what = "created store" if store.created else "store exists"
         print(
             f"{what} at {figures['path']} (chunk size {format_size(store.chunk_size)}, "
             f"default size {format_size(store.default_size)})"
@@ -635,20 +655,43 @@ def check_status(report: CheckReport) -> int:
     return CHECK_LEAKS if report.leaks else CHECK_CLEAN
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _slot_ranges(slots: Sequence[int]) -> str:
+    """Ascending slots as "3-7, 9, 12-20"."""
+    runs: list[list[int]] = []
+    for slot in slots:
+        if runs and runs[-1][1] + 1 == slot:
+            runs[-1][1] = slot
+        else:
+            runs.append([slot, slot])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 @command(
     "check",
-    "check the store (exit 0 clean, 2 corrupted, 3 leaks only)",
+    "check the store (exit 0 clean, 2 corrupted, 3 leaks only); a damaged store is checked read-only",
     arg("--data", action="store_true", help="also read every chunk in use"),
-    arg("--repair", action="store_true", help="free leaked space (corruption is only reported)"),
+    arg(
+        "--repair", action="store_true", help="give free space back, drop leaks (corruption is only reported)"
+    ),
 )
 def _cmd_check(args: argparse.Namespace) -> int:
-    """Checks, and with --repair frees leaks; corruption is reported, never "repaired"."""
-    with _open_store(args) as store:
-        report = store.check(data=args.data)
-        found = report.leaks
-        if args.repair and report.ok and report.leaks:
-            report = store.repair()
-    fixed = found - report.leaks if args.repair else 0
+    """Checks, and with --repair gives space back; corruption is reported, never "repaired".
+    A store whose maps are too damaged to open is opened read-only, to report all it can."""
+    try:
+        with _open_store(args) as store:
+            found = store.check(data=args.data)
+            report = store.repair() if args.repair and found.ok else found
+    except Corruption as exc:
+        with _open_store(args, readonly=True) as store:
+            found = report = store.check(data=args.data)
+        if report.ok:
+            report.problems.append(Problem(_one_line(exc), "store"))
+    given_back = len(found.reclaimable_slots) - len(report.reclaimable_slots)
+    fixed = found.leaks - report.leaks
     status = check_status(report)
     if args.json:
         _emit_json(
@@ -657,8 +700,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
                 "leaks": report.leaks,
                 "leaks-fixed": fixed,
                 "problems": [{"what": p.what, "where": p.where} for p in report.problems],
-                "leaked-slots": report.leaked_slots,
                 "leaked-pages": report.leaked_pages,
+                "reclaimable-slots": report.reclaimable_slots,
+                "reclaimed-slots": given_back,
                 "snapshots": report.snapshots,
                 "pages": report.pages,
                 "slots": report.slots,
@@ -669,18 +713,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return status
     for p in report.problems:
         print(f"ERROR {p.where}: {p.what}")
-    for slot in report.leaked_slots:
-        print(f"Leaked chunk: slot {slot}")
-    for page in report.leaked_pages:
-        print(f"Leaked map page: page {page}")
-    if fixed:
-        print(f"The following inconsistencies were found and repaired: {fixed} leaks")
+    if report.leaked_pages:
+        print(f"Leaked map pages: {_slot_ranges(report.leaked_pages)}")
+    if fixed or given_back:
+        print(
+            f"Repaired: {_plural(fixed, 'leak')} dropped, {_plural(given_back, 'free chunk')} given back "
+            f"({format_size(given_back * store.chunk_size)})"
+        )
+    if report.reclaimable_slots:
+        n = len(report.reclaimable_slots)
+        print(
+            f"{_plural(n, 'free chunk')} ({format_size(n * store.chunk_size)}) still "
+            f"{'hold' if n != 1 else 'holds'} space in the data file, slots "
+            f"{_slot_ranges(report.reclaimable_slots)}: --repair gives it back"
+        )
     if report.problems:
-        print(f"{len(report.problems)} errors were found on the store.")
+        print(f"{_plural(len(report.problems), 'problem')} found on the store.")
         if args.repair:
             print("Corruption cannot be repaired safely; nothing was changed.")
     if report.leaks:
-        print(f"{report.leaks} leaks were found on the store (space that can be freed with --repair).")
+        print(f"{_plural(report.leaks, 'leak')} found on the store (space that --repair frees).")
     if status == CHECK_CLEAN:
         print("No errors were found on the store.")
     print(
@@ -764,6 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=f"the store directory (default: ${STORE_ENV}, else $XDG_DATA_HOME/cowstore, "
         "else ~/.local/share/cowstore)",
+    )
+    parser.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=_seconds,
+        default=WAIT,
+        help=f"how long to wait for another process to let go of the store (default {WAIT:g})",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output on every report")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")

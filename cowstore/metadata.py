@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -59,8 +60,14 @@ class Row:
 class Metadata:
     """The SQLite side of one store; callers serialise access."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
         try:
+            if readonly:
+                # A read-only connection cannot keep the WAL index in heap memory: it reads
+                # through SQLite's -shm file (and leaves it, and an empty -wal, behind).
+                uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+                return
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             # The store's flock already makes this process the only user: exclusive locking
             # keeps the WAL index in memory (no -shm file to mmap) and skips lock calls.
@@ -105,30 +112,61 @@ class Metadata:
 
     def snapshots(self) -> list[Row]:
         """Every snapshot row, parents before children; damaged rows raise `Corruption`."""
+        rows = []
+        for row, problem in self.scan_snapshots():
+            if problem is not None:
+                raise Corruption(problem)
+            rows.append(row)
+        return rows
+
+    def scan_snapshots(self) -> list[tuple[Row, str | None]]:
+        """Every snapshot row, parents before children, each with what is damaged in it (or
+        None). A damaged row is given as far as it reads: labels it cannot read are empty, a
+        directory that fails its checksum is empty."""
         with _damage("snapshot table"):
-            rows = list(
+            found = list(
                 self._db.execute(
                     "SELECT id, key, kind, parent, labels, created, updated, size, directory, directory_crc "
                     "FROM snapshots ORDER BY id"
                 )
             )
-            result = []
-            for r in rows:
-                if not isinstance(r[8], bytes) or zlib.crc32(r[8]) != r[9]:
-                    raise Corruption(f"the map directory of snapshot {r[1]!r} fails its checksum")
+        result: list[tuple[Row, str | None]] = []
+        for r in found:
+            key = r[1] if isinstance(r[1], str) else repr(r[1])
+            problem = None
+            directory = r[8]
+            if not isinstance(directory, bytes) or zlib.crc32(directory) != r[9]:
+                problem = f"the map directory of snapshot {key!r} fails its checksum"
+                directory = b""
+            try:
                 labels = json.loads(r[4])
-                if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
-                    raise Corruption(f"the labels of snapshot {r[1]!r} are damaged")
-                result.append(Row(r[0], r[1], r[2], r[3], labels, *r[5:9]))
-            return result
+            except (TypeError, ValueError):
+                labels = None
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+            ):
+                problem = problem or f"the labels of snapshot {key!r} are damaged"
+                labels = {}
+            if r[2] not in ("active", "view", "committed") or not all(isinstance(v, int) for v in r[5:8]):
+                problem = problem or f"the row of snapshot {key!r} is damaged"
+            result.append((Row(r[0], key, r[2], r[3], labels, r[5], r[6], r[7], directory), problem))
+        return result
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
         """Every map page; one that fails its checksum raises `Corruption`."""
+        for page_id, entries, problem in self.scan_pages():
+            if problem is not None:
+                raise Corruption(problem)
+            yield page_id, entries
+
+    def scan_pages(self) -> Iterator[tuple[int, bytes, str | None]]:
+        """Every map page, each with what is damaged in it (or None)."""
         with _damage("page table"):
             for page_id, entries, crc in self._db.execute("SELECT id, entries, crc FROM pages"):
                 if not isinstance(entries, bytes) or zlib.crc32(entries) != crc:
-                    raise Corruption(f"map page {page_id} fails its checksum")
-                yield page_id, entries
+                    yield page_id, b"", f"map page {page_id} fails its checksum"
+                else:
+                    yield page_id, entries, None
 
     def transaction(self) -> _Transaction:
         return _Transaction(self._db)

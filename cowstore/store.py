@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from . import engines, fallocate, metadata
 from .check import CheckReport, audit
+from .engines import format
 from .engines.format import Changes
 from .errors import (
     AlreadyExists,
@@ -25,6 +26,7 @@ from .errors import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    ReadOnly,
 )
 from .filters import compile_filters
 from .types import Extent, Info, Kind, Stats, Usage
@@ -182,8 +184,13 @@ class Store:
         *,
         engine: str | None,
         verify_reads: bool = False,
+        readonly: bool = False,
     ) -> None:
         self._where = backing.where
+        self.readonly: bool = readonly
+        self.created: bool = False
+        """Whether the call that opened this store also created it."""
+        self._damaged: dict[str, str] = {}
         self._meta = backing.meta
         self._data_fd = backing.data_fd
         self._lock_fd = backing.lock_fd
@@ -205,12 +212,17 @@ class Store:
         self._snapshots: dict[str, _Snapshot] = {}
         self._children: dict[int, int] = {}
         self._next_id = 1
-        self._load()
+        if readonly:
+            self._salvage()
+        else:
+            self._load()
         self.max_bytes: int | None = None
         self._set_max_bytes(settings.get("max_bytes") or None)
-        for key in [
-            k for k, s in self._snapshots.items() if k.startswith(IMPORTING) and s.kind is Kind.ACTIVE
-        ]:
+        for key in (
+            []
+            if readonly
+            else [k for k, s in self._snapshots.items() if k.startswith(IMPORTING) and s.kind is Kind.ACTIVE]
+        ):
             self.remove(key)
 
     def __repr__(self) -> str:
@@ -242,6 +254,56 @@ class Store:
         except ValueError as exc:
             raise Corruption(f"{self._where}: the store's maps are damaged: {exc}") from exc
 
+    def _salvage(self) -> None:
+        """Load what is intact of a store, for a read-only open: pages that pass their sum
+        and name slots inside the data file, and snapshots whose row, pages and parent are
+        intact. A damaged snapshot whose row reads stays listed, and refuses its data by name."""
+        eng, pe = self._engine, self._engine.page_entries
+        nslots = -(-os.fstat(self._data_fd).st_size // self.chunk_size)
+        intact = set()
+        for page_id, blob, problem in self._meta.scan_pages():
+            if problem is None and len(blob) == format.page_size(pe):
+                entries, _ = format.decode_page(blob, pe)
+                if all(e & format.MAX_SLOT <= nslots for e in entries):
+                    eng.load_page(page_id, blob)
+                    intact.add(page_id)
+        by_id: dict[int, _Snapshot] = {}
+        for row, problem in self._meta.scan_snapshots():
+            parent = by_id.get(row.parent) if row.parent is not None else None
+            nchunks = -(-row.size // self.chunk_size) if isinstance(row.size, int) else 0
+            if problem is None:
+                problem = self._salvage_problem(row, parent, nchunks, intact)
+            kind = Kind(row.kind) if row.kind in ("active", "view", "committed") else Kind.ACTIVE
+            s = _Snapshot(row.id, row.key, kind, parent, row.labels, row.created, row.updated, row.size)
+            by_id[row.id] = s
+            self._snapshots[row.key] = s
+            self._next_id = max(self._next_id, row.id + 1)
+            if problem is not None:
+                self._damaged[row.key] = problem
+                continue
+            eng.load_map(row.id, nchunks, row.directory, row.parent)
+            if parent is not None:
+                self._children[parent.id] = self._children.get(parent.id, 0) + 1
+        eng.finish_load(nslots)
+
+    def _salvage_problem(
+        self, row: metadata.Row, parent: _Snapshot | None, nchunks: int, intact: set[int]
+    ) -> str | None:
+        """Why a readable row's snapshot cannot be served, or None."""
+        if row.parent is not None and parent is None:
+            return f"its parent (id {row.parent}) is missing"
+        if parent is not None and parent.key in self._damaged:
+            return f"its parent {parent.key!r} is damaged"
+        if len(row.directory) % 8:
+            return "its map directory is damaged"
+        ids = format.decode_directory(row.directory)
+        if len(ids) != format.directory_pages(nchunks, self._engine.page_entries):
+            return "its map directory has the wrong length"
+        missing = next((i for i in ids if i and i not in intact), None)
+        if missing is not None:
+            return f"its map names page {missing}, which is damaged or missing"
+        return None
+
     # -- containerd's snapshotter -------------------------------------------
 
     def prepare(
@@ -271,7 +333,7 @@ class Store:
                     "size applies only to a snapshot without a parent: a child has its parent's size"
                 )
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if key in self._snapshots:
                 raise AlreadyExists(f"snapshot {key!r} already exists")
             base = None
@@ -308,7 +370,7 @@ class Store:
         _check_key(key)
         labels = _check_labels(labels)
         with self._lock:
-            self._check_open()
+            self._check_writable()
             s = self._get(key)
             if name in self._snapshots:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
@@ -344,7 +406,7 @@ class Store:
         """Remove a snapshot of any kind; one with children cannot be removed."""
         _check_key(key)
         with self._lock:
-            self._check_open()
+            self._check_writable()
             s = self._get(key)
             if self._children.get(s.id):
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
@@ -368,7 +430,7 @@ class Store:
         _check_key(key)
         _check_key(new_key, "new key")
         with self._lock:
-            self._check_open()
+            self._check_writable()
             s = self._get(key)
             if s.kind is Kind.COMMITTED:
                 raise FailedPrecondition(
@@ -408,7 +470,7 @@ class Store:
         _check_key(info.name, "info.name")
         new_labels = _check_labels(info.labels)
         with self._lock:
-            self._check_open()
+            self._check_writable()
             s = self._get(info.name)
             labels = dict(s.labels)
             for path in fieldpaths or ("labels",):
@@ -438,7 +500,7 @@ class Store:
         _check_key(key)
         with self._lock:
             self._check_open()
-            s = self._get(key)
+            s = self._intact(key)
             chunks = self._engine.exclusive_chunks(s.id, s.parent.id if s.parent else None)
             return Usage(size=chunks * self.chunk_size, chunks=chunks)
 
@@ -447,7 +509,7 @@ class Store:
         _check_key(key)
         with self._lock:
             self._check_open()
-            s = self._get(key)
+            s = self._intact(key)
             if s.kind is Kind.COMMITTED:
                 raise FailedPrecondition(
                     f"snapshot {key!r} is committed: prepare or view a child to mount it"
@@ -459,7 +521,7 @@ class Store:
         _check_key(key)
         with self._lock:
             self._check_open()
-            s = self._get(key)
+            s = self._intact(key)
             if length is None:
                 length = s.size - offset if isinstance(offset, int) else 0
             if (
@@ -478,7 +540,7 @@ class Store:
         _check_key(b)
         with self._lock:
             self._check_open()
-            sa, sb = self._get(a), self._get(b)
+            sa, sb = self._intact(a), self._intact(b)
             cs = self.chunk_size
             return [(first * cs, count * cs) for first, count in self._engine.diff_runs(sa.id, sb.id)]
 
@@ -487,7 +549,7 @@ class Store:
         _check_key(key)
         with self._lock:
             self._check_open()
-            return self._volume(self, self._get(key), readonly=True)
+            return self._volume(self, self._intact(key), readonly=True)
 
     def walk(self, *filters: str) -> Iterator[Info]:
         """Every snapshot matching any filter (containerd syntax), in key order."""
@@ -527,18 +589,17 @@ class Store:
         """Audit the stored metadata and pool (and with `data=True`, read every used chunk)."""
         with self._lock:
             self._check_open()
-            self._persist(None)
+            # The refcounts of the moment the durable maps were taken: writers may go on
+            # meanwhile, but nothing else becomes durable while the store's lock is held. A
+            # read-only store audits what is stored alone.
+            refcounts = None if self.readonly else self._persist(refcounts=True).refcounts
             return audit(
-                self._meta,
-                self._data_fd,
-                self.chunk_size,
-                self._engine.page_entries,
-                self._engine.refcounts(),
-                data=data,
+                self._meta, self._data_fd, self.chunk_size, self._engine.page_entries, refcounts, data=data
             )
 
     def repair(self) -> CheckReport:
-        """Free leaked slots and pages; refuses (`Corruption`) damage it cannot fix safely.
+        """Free leaked pages and give back free space (`compact`); refuses (`Corruption`)
+        damage it cannot fix safely.
 
         It scrubs first (`check(data=True)`): a store whose data fails its checksums is
         beyond repair, and is left exactly as it is.
@@ -562,7 +623,7 @@ class Store:
         Returns the bytes of the data file's apparent size that are now holes or gone.
         """
         with self._lock:
-            self._check_open()
+            self._check_writable()
             before = os.fstat(self._data_fd).st_size
             slots = self._engine.trim_free_tail()
             freed = before - os.fstat(self._data_fd).st_size
@@ -600,10 +661,11 @@ class Store:
             return made_room
 
     def flush(self) -> None:
-        """Make every write before this call durable."""
+        """Make every write before this call durable (nothing to do when read-only)."""
         with self._lock:
             self._check_open()
-            self._persist(None)
+            if not self.readonly:
+                self._persist(None)
 
     def close(self) -> None:
         """Flush and release the store; closing twice is harmless."""
@@ -611,7 +673,7 @@ class Store:
             if self._closed:
                 return
             try:
-                if self._broken is None:
+                if self._broken is None and not self.readonly:
                     self._persist(None)
                     if self._durable:
                         self.compact()
@@ -655,6 +717,18 @@ class Store:
         if s.parent is not None:
             self._children[s.parent.id] -= 1
 
+    def _intact(self, key: str) -> _Snapshot:
+        """The snapshot `key`, whose data can be read: a damaged one is `Corruption`."""
+        s = self._get(key)
+        if key in self._damaged:
+            raise Corruption(f"snapshot {key!r} is damaged: {self._damaged[key]}")
+        return s
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.readonly:
+            raise ReadOnly(f"store {self._where} is open read-only: it cannot change")
+
     def _get(self, key: str) -> _Snapshot:
         s = self._snapshots.get(key)
         if s is None:
@@ -671,7 +745,9 @@ class Store:
         self,
         rows: Callable[[sqlite3.Connection], object] | None = None,
         undo: Callable[[], None] | None = None,
-    ) -> None:
+        *,
+        refcounts: bool = False,
+    ) -> Changes:
         """One durable step: data first, then the metadata naming it, in one transaction.
 
         Freed slots become reusable only after the transaction that frees them commits. A
@@ -680,8 +756,9 @@ class Store:
         `undo` puts back what the caller changed in memory, and the error is raised
         (`NoSpace` for a full disk). A failed fsync of the data or a failing database may
         have lost what the engine handed over: the store is then broken, to be reopened.
+        Returns the changes made durable.
         """
-        changes = self._engine.take_changes()
+        changes = self._engine.take_changes(refcounts)
         if self._unsaved is not None:
             changes = _merged(self._unsaved, changes)
         try:
@@ -705,6 +782,7 @@ class Store:
             raise
         self._unsaved = None
         self._engine.release(changes.freed)
+        return changes
 
     def _commit(self, changes: Changes, rows: Callable[[sqlite3.Connection], object] | None) -> None:
         with self._meta.transaction() as db:
@@ -722,8 +800,27 @@ def _merged(old: Changes, new: Changes) -> Changes:
     maps = dict(old.maps)
     maps.update(new.maps)
     return Changes(
-        list(pages.items()), old.dead_pages + new.dead_pages, list(maps.items()), old.freed + new.freed
+        list(pages.items()),
+        old.dead_pages + new.dead_pages,
+        list(maps.items()),
+        old.freed + new.freed,
+        new.refcounts,
     )
+
+
+def stored_settings(rows: Mapping[str, object], where: str) -> dict[str, int]:
+    """A store's settings as read back, checked as at creation: damage is `Corruption`."""
+    try:
+        chunk_size = _check_chunk_size(rows.get("chunk_size"))
+        _check_size(rows.get("default_size"), chunk_size, "default_size")
+        if rows.get("page_entries") != PAGE_ENTRIES:
+            raise InvalidArgument(f"page_entries {rows.get('page_entries')!r} is not {PAGE_ENTRIES}")
+        max_bytes = rows.get("max_bytes")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise InvalidArgument(f"max_bytes {max_bytes!r} is not a byte count")
+    except InvalidArgument as exc:
+        raise Corruption(f"{where}: a stored setting is damaged: {exc}") from None
+    return {k: v for k, v in rows.items() if isinstance(v, int)}
 
 
 def initial_settings(chunk_size: int | None, default_size: int | None) -> dict[str, int]:

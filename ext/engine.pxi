@@ -536,11 +536,12 @@ cdef class Engine:
 
     # -- persistence ---------------------------------------------------------
 
-    def take_changes(self):
-        """Hand over everything changed since the last call; the caller makes it durable."""
+    def take_changes(self, refcounts=False):
+        """Hand over everything changed since the last call; the caller makes it durable.
+        With `refcounts`, the slot refcounts of the same moment come along."""
         cdef const pthread_rwlock_t *outer = self.lock_python(EXCLUSIVE)
         try:
-            return changes_take(&self.st)
+            return changes_take(&self.st, refcounts)
         finally:
             self.unlock_python(outer)
 

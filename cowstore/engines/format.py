@@ -34,12 +34,16 @@ FULL_BITS = (1 << SUB_BLOCKS) - 1
 
 
 class Changes(NamedTuple):
-    """What changed since the last `take_changes`: to be made durable, then `release`d."""
+    """What changed since the last `take_changes`: to be made durable, then `release`d.
+
+    `refcounts`, when asked for, are the slot refcounts at the same moment (little-endian
+    uint32, index 0 unused): what the maps being made durable reference, for `check`."""
 
     pages: list[tuple[int, bytes]]
     dead_pages: list[int]
     maps: list[tuple[int, bytes]]
     freed: list[int]
+    refcounts: bytes | None = None
 
 
 def chunk_sum(data: ReadableBuffer) -> int:

@@ -421,12 +421,14 @@ class Engine:
 
     # -- persistence ---------------------------------------------------------
 
-    def take_changes(self) -> Changes:
-        """Hand over everything changed since the last call; the caller makes it durable."""
+    def take_changes(self, refcounts: bool = False) -> Changes:
+        """Hand over everything changed since the last call; the caller makes it durable.
+        With `refcounts`, the slot refcounts of the same moment come along."""
         with self._lock:
             pages = [(p.id, _to_le(p.entries) + _to_le(p.sums)) for p in self._dirty_pages.values()]
             maps = [(i, self._directory(self._maps[i])) for i in sorted(self._dirty_maps)]
-            changes = Changes(pages, self._dead_pages, maps, self._pending)
+            counts = _to_le(self._refs) if refcounts else None
+            changes = Changes(pages, self._dead_pages, maps, self._pending, counts)
             self._dirty_pages = {}
             self._dirty_maps = set()
             self._dead_pages = []

@@ -273,9 +273,10 @@ cdef int map_drop(State *st, Key key, Err *err) noexcept nogil:
     return 0
 
 
-cdef object changes_take(State *st):
-    """Everything changed since the last call, as a `Changes`, and the state that it is
-    handed over (under the exclusive lock, with the GIL)."""
+cdef object changes_take(State *st, bint refcounts):
+    """Everything changed since the last call, as a `Changes` (with the slot refcounts of
+    the same moment if asked), and the state that it is handed over (under the exclusive
+    lock, with the GIL)."""
     cdef size_t i
     cdef Page *p
     cdef Map *m
@@ -294,7 +295,8 @@ cdef object changes_take(State *st):
             maps.append((m.id, directory_bytes(st, m)))
     maps.sort()
     changes = Changes(pages, [st.dead.a[i] for i in range(st.dead.n)], maps,
-                      [st.pending.a[i] for i in range(st.pending.n)])
+                      [st.pending.a[i] for i in range(st.pending.n)],
+                      refcounts_bytes(st) if refcounts else None)
     # Nothing can fail from here on: hand the changes over.
     for i in range(st.dirty_pages.n):
         p = <Page *>st.dirty_pages.a[i]

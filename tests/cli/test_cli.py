@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pytest
 
 import cowstore
 from cowstore import cli, rawimage
+from cowstore.check import CheckReport
 from tests.conftest import CHUNK, SIZE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -652,10 +654,10 @@ def test_import_committing_under_its_own_key_fails_before_copying(run, made, sto
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_at_any_moment_of_an_import_leaves_all_or_nothing(made, tmp_path, signum):
-    data = os.urandom(256 * CHUNK)
-    (tmp_path / "img").write_bytes(data * 64)
+    image = os.urandom(256 * CHUNK) * 64
+    (tmp_path / "img").write_bytes(image)
     rng = random.Random(signum)
-    outcomes = set()
+    outcomes = []
     for _ in range(6):
         child = subprocess.Popen(
             [*command(), "--store", str(made), "import", str(tmp_path / "img"), "k"],
@@ -663,20 +665,25 @@ def test_a_signal_at_any_moment_of_an_import_leaves_all_or_nothing(made, tmp_pat
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        time.sleep(rng.uniform(0.05, 0.6))
+        # Once the child holds the store (its pid in the lock file), the import is under way.
+        deadline = time.monotonic() + 30
+        while (made / "lock").read_text().strip() != str(child.pid) and child.poll() is None:
+            assert time.monotonic() < deadline, "the import never opened the store"
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.4))
         child.send_signal(signum)
         _, err = child.communicate(timeout=60)
         with cowstore.open(made) as s:
             names = [i.name for i in s.walk()]
-            if child.returncode == 0:
-                assert names == ["k"] and s.reader("k").pread(len(data), 0) == data
-                outcomes.add("complete")
+            if names:
+                # The import was complete (the signal may have come after it, at exit).
+                assert names == ["k"] and s.reader("k").pread(len(image), 0) == image
+                outcomes.append("complete")
             else:
-                assert names == [], (child.returncode, err, names)
-                # A signal before the command started is the interpreter's; one during the
-                # import is the command's, and it says so.
-                outcomes.add("stopped" if b"interrupted" in err or b"terminated" in err else "not started")
-            s.check(data=True)
+                assert child.returncode != 0
+                assert b"interrupted" in err or b"terminated" in err, err
+                outcomes.append("stopped")
+            assert s.check(data=True).ok
             if names:
                 s.remove("k")
     assert "stopped" in outcomes, outcomes
@@ -759,28 +766,42 @@ def test_check_of_a_healthy_store_exits_0(run, made):
     assert r.code == 0 and (r.json["corruptions"], r.json["leaks"]) == (0, 0)
 
 
-def leak_chunks(path: Path, count: int) -> None:
-    """Data past the pool's end that no map names: leaked slots."""
+def stray_chunks(path: Path, count: int) -> None:
+    """Data past the pool's end that no map names: free chunks still holding space."""
     with open(path / "data", "r+b") as f:
         f.seek(0, os.SEEK_END)
         f.write(b"s" * (count * CHUNK))
 
 
-def test_check_exits_3_when_it_finds_only_leaks(run, made):
+def test_check_reports_free_chunks_holding_space_as_ranges_not_leaks(run, made):
     build(made, base_and_child)
-    leak_chunks(made, 5)
+    with cowstore.open(made) as s:
+        pool = s.stats().slots
+    stray_chunks(made, 5)
+    r = run("check")
+    assert r.code == 0 and "No errors were found" in r.out
+    assert f"5 free chunks (20 KiB) still hold space in the data file, slots {pool + 1}-{pool + 5}" in r.out
+    stray_chunks(made, 5)
     r = run("check", "--json")
-    assert r.code == 3
-    assert (r.json["corruptions"], r.json["leaks"], len(r.json["leaked-slots"])) == (0, 5, 5)
+    assert r.code == 0
+    assert (r.json["corruptions"], r.json["leaks"]) == (0, 0)
+    assert r.json["reclaimable-slots"] == list(range(pool + 1, pool + 6))
 
 
-def test_check_repair_frees_leaks_and_exits_0(run, made):
+def test_check_repair_gives_the_space_of_free_chunks_back(run, made):
     build(made, base_and_child)
-    leak_chunks(made, 3)
+    stray_chunks(made, 3)
+    size = (made / "data").stat().st_size
     r = run("check", "--repair")
     assert r.code == 0
-    assert "found and repaired: 3 leaks" in r.out and "No errors were found" in r.out
-    assert run("check").code == 0
+    assert "3 free chunks given back" in r.out and "No errors were found" in r.out
+    assert (made / "data").stat().st_size == size - 3 * CHUNK
+    assert run("check", "--json").json["reclaimable-slots"] == []
+
+
+def test_leaked_pages_alone_are_exit_status_3():
+    report = CheckReport(leaked_pages=[7])
+    assert report.ok and cli.check_status(report) == cli.CHECK_LEAKS == 3
 
 
 def test_check_exits_2_for_corruption_and_repair_changes_nothing(run, made):
@@ -797,11 +818,37 @@ def test_check_exits_2_for_corruption_and_repair_changes_nothing(run, made):
 # -- errors ---------------------------------------------------------------------------
 
 
-def test_a_locked_store_is_a_one_line_error(run, made, store_at):
+def test_a_locked_store_is_a_one_line_error_naming_the_holder(run, made, store_at):
     store_at()
-    r = run("ls")
+    r = run("--wait", "0", "ls")
     assert r.code == 1
-    assert "in use" in one_error_line(r)
+    assert "in use" in one_error_line(r) and f"process {os.getpid()} " in one_error_line(r)
+
+
+def test_a_command_waits_for_the_store_to_be_let_go(run, made, store_at):
+    held = store_at()
+    threading.Timer(0.3, held.close).start()
+    started = time.monotonic()
+    assert run("--wait", "20", "ls").code == 0
+    assert time.monotonic() - started >= 0.25
+
+
+def test_an_empty_store_path_is_refused(run):
+    r = run("--store", "", "ls")
+    assert r.code == 1 and "--store" in one_error_line(r)
+
+
+def test_concurrent_inits_create_the_store_once(tmp_path):
+    path = tmp_path / "new"
+    procs = [
+        subprocess.Popen(
+            [*command(), "--store", str(path), "--json", "init"], env=env(), stdout=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r["created"] for r in results) == [False, False, False, True]
 
 
 def test_debug_adds_the_traceback(run, made):

@@ -27,9 +27,10 @@ import random
 import sys
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import cowstore
+from cowstore.engines.format import Changes
 from tests.data import pattern
 
 CHUNK = 4096
@@ -63,13 +64,6 @@ class Log:
         os.fsync(self._fd)
 
 
-class _Changes(NamedTuple):
-    pages: list
-    dead_pages: list
-    maps: list
-    freed: list
-
-
 class EarlyRelease:
     """Wraps an engine to break the pending-free rule and nothing else.
 
@@ -90,14 +84,15 @@ class EarlyRelease:
         self._stash.append(changes)
         self._engine.release(list(changes.freed))
 
-    def take_changes(self) -> _Changes:
-        batches = [*self._stash, self._engine.take_changes()]
+    def take_changes(self, refcounts: bool = False) -> Changes:
+        batches = [*self._stash, self._engine.take_changes(refcounts)]
         self._stash = []
-        return _Changes(
+        return Changes(
             [p for c in batches for p in c.pages],
             [d for c in batches for d in c.dead_pages],
             [m for c in batches for m in c.maps],
             list(batches[-1].freed),
+            batches[-1].refcounts,
         )
 
 

@@ -38,7 +38,8 @@ def build(path: Path, engine: str) -> dict[str, bytes]:
 
 
 def digest(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+    """The store's own files (not SQLite's -wal and -shm side files)."""
+    return {name: hashlib.sha256((path / name).read_bytes()).hexdigest() for name in ("data", "meta.sqlite")}
 
 
 def page_of(path: Path, key: str) -> int:

@@ -133,14 +133,26 @@ def test_check_of_a_healthy_store_is_clean(store):
     assert report.chunks_read == 7
 
 
-def test_check_reports_freed_space_as_leaks_until_compacted(disk_store):
+def test_check_reports_freed_space_as_free_not_leaked_until_compacted(disk_store):
     s = disk_store()
     s.prepare("a").pwrite(os.urandom(4 * CHUNK), 0)
     s.prepare("b").pwrite(os.urandom(4 * CHUNK), 0)
     s.remove("a")
     report = s.check()
-    assert report.ok and len(report.leaked_slots) == 4
-    assert s.repair().leaks == 0
+    assert report.ok and report.leaks == 0
+    assert len(report.reclaimable_slots) == 4 == s.stats().free
+    assert s.repair().reclaimable_slots == []
+
+
+def test_a_chunk_freed_by_writing_zeros_is_free_to_check_as_to_stats(disk_store):
+    s = disk_store()
+    vol = s.prepare("a")
+    vol.pwrite(b"x" * 100, 0)
+    vol.pwrite(bytes(CHUNK), 0)
+    s.flush()
+    report = s.check()
+    assert report.ok and report.leaks == 0
+    assert report.reclaimable_slots == [1] and s.stats().free == 1
 
 
 def test_check_finds_a_page_naming_a_slot_past_the_data_file(disk_store, tmp_path):
