@@ -106,6 +106,14 @@ ESHUTDOWN = 108
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"
 
+# -- limits ------------------------------------------------------------------
+
+MAX_STRING = 4096
+"""Longest string (export name, error message) proto.md allows on the wire."""
+
+MAX_PAYLOAD = 32 * 1024 * 1024
+"""Largest READ or WRITE this server takes, advertised as the maximum block size."""
+
 # -- layouts -----------------------------------------------------------------
 
 HANDSHAKE = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
