@@ -264,7 +264,7 @@ class Server:
         The store is not closed: it belongs to the caller. Safe to call more than once and
         from any thread.
         """
-        self._request_stop()
+        self.request_stop()
         with self._lock:
             loop = self._loop
         if loop is None:
@@ -275,7 +275,8 @@ class Server:
         elif _running_loop() is not loop:
             self._finished.wait()
 
-    def _request_stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask `serve_forever` to stop, without waiting for it: for signal handlers."""
         with self._lock:
             self._stopping.set()
             loop, task = self._loop, self._accept_task
@@ -379,7 +380,7 @@ def serve(store: Store, **kw: Any) -> None:
         handled = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(sig, server._request_stop)
+                loop.add_signal_handler(sig, server.request_stop)
                 handled.append(sig)
             except (ValueError, RuntimeError, NotImplementedError):
                 pass

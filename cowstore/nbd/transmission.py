@@ -53,9 +53,13 @@ log = logging.getLogger(__package__)
 
 MiB = 1 << 20
 RECV_BUFFER = 256 * 1024
+"""Requests are received into a buffer this size; a longer WRITE payload gets its own."""
 ARENA = 1 * MiB
+"""READ payloads of one batch of replies share an arena this size; a longer one gets its own."""
 MAX_IOV = 512
+"""Most buffers handed to one `sendmsg` (the kernel's IOV_MAX is 1024)."""
 ZERO_STEP = 1 << 30
+"""WRITE_ZEROES and TRIM go to the engine in steps this long; BLOCK_STATUS reports at most this."""
 
 _COMMAND_FLAGS = {
     P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
