@@ -128,8 +128,9 @@ U32 = struct.Struct(">I")
 
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
-CHUNK_DATA = struct.Struct(">IHHQIQ")  # chunk header + OFFSET_DATA offset
-CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + OFFSET_HOLE offset, size
-CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error, message length
-CHUNK_STATUS = struct.Struct(">IHHQII")  # chunk header + metadata context id
+_CHUNK_HEADER = ">IHHQI"  # magic, flags, type, cookie, payload length
+CHUNK = struct.Struct(_CHUNK_HEADER)
+CHUNK_DATA = struct.Struct(_CHUNK_HEADER + "Q")  # + OFFSET_DATA offset
+CHUNK_HOLE = struct.Struct(_CHUNK_HEADER + "QI")  # + OFFSET_HOLE offset, size
+CHUNK_ERROR = struct.Struct(_CHUNK_HEADER + "IH")  # + error, message length
+CHUNK_STATUS = struct.Struct(_CHUNK_HEADER + "I")  # + metadata context id
