@@ -106,6 +106,14 @@ ESHUTDOWN = 108
 CONTEXT_BASE_ALLOCATION = "base:allocation"
 CONTEXT_ALLOCATION_DEPTH = "qemu:allocation-depth"
 
+# -- limits ------------------------------------------------------------------
+
+MAX_STRING = 4096
+"""Longest string (export name, error message) proto.md allows on the wire."""
+
+MAX_PAYLOAD = 32 * 1024 * 1024
+"""Largest READ or WRITE this server takes, advertised as the maximum block size."""
+
 # -- layouts -----------------------------------------------------------------
 
 HANDSHAKE = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
@@ -120,8 +128,9 @@ U32 = struct.Struct(">I")
 
 REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
-CHUNK_DATA = struct.Struct(">IHHQIQ")  # chunk header + OFFSET_DATA offset
-CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + OFFSET_HOLE offset, size
-CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error, message length
-CHUNK_STATUS = struct.Struct(">IHHQII")  # chunk header + metadata context id
+_CHUNK_HEADER = ">IHHQI"  # magic, flags, type, cookie, payload length
+CHUNK = struct.Struct(_CHUNK_HEADER)
+CHUNK_DATA = struct.Struct(_CHUNK_HEADER + "Q")  # + OFFSET_DATA offset
+CHUNK_HOLE = struct.Struct(_CHUNK_HEADER + "QI")  # + OFFSET_HOLE offset, size
+CHUNK_ERROR = struct.Struct(_CHUNK_HEADER + "IH")  # + error, message length
+CHUNK_STATUS = struct.Struct(_CHUNK_HEADER + "I")  # + metadata context id

@@ -17,9 +17,8 @@ import pytest
 
 import cowstore
 from cowstore import nbd
-from tests.data import pattern
+from tests.nbd.chain import CHUNK, Chain
 
-CHUNK = 64 * 1024
 SIZE = 8 * 1024 * 1024
 TIMEOUT = 120
 
@@ -41,42 +40,13 @@ def run(*argv: str, check: bool = True, cwd=None) -> subprocess.CompletedProcess
     return proc
 
 
-class Chain:
-    """base <- mid <- top (active) and a view of mid, with a bytearray model of each."""
-
-    def __init__(self, store: cowstore.Store) -> None:
-        self.store = store
-        v = store.prepare("b", size=SIZE)
-        v.pwrite(pattern(2 * CHUNK, 1), 0)
-        v.close()
-        store.commit("base", "b")
-        v = store.prepare("m", "base")
-        v.pwrite(pattern(CHUNK, 2), 2 * CHUNK)
-        v.close()
-        store.commit("mid", "m")
-        store.prepare("top", "mid").pwrite(pattern(CHUNK, 3), 4 * CHUNK)
-        store.view("midview", "mid")
-        store.view("baseview", "base")
-        base = bytearray(SIZE)
-        base[: 2 * CHUNK] = pattern(2 * CHUNK, 1)
-        mid = bytearray(base)
-        mid[2 * CHUNK : 3 * CHUNK] = pattern(CHUNK, 2)
-        top = bytearray(mid)
-        top[4 * CHUNK : 5 * CHUNK] = pattern(CHUNK, 3)
-        self.model = {"baseview": base, "midview": mid, "top": top}
-
-    def content(self, key: str) -> bytes:
-        volume = self.store.mounts(key)
-        try:
-            return volume.pread(volume.size, 0)
-        finally:
-            volume.close()
-
-
 @pytest.fixture
 def chain() -> Iterator[Chain]:
+    """A `Chain` with baseview, a view of base, too."""
     store = cowstore.memory(chunk_size=CHUNK, default_size=SIZE)
-    yield Chain(store)
+    chain = Chain(store, SIZE)
+    chain.view("baseview", "base")
+    yield chain
     store.close()
 
 
