@@ -18,6 +18,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cowstore tests benchmarks
 	$(VENV)/bin/ruff format --check cowstore tests benchmarks
+	$(PY) -m mypy cowstore
+	$(PY) -m mypy.stubtest cowstore.engines._cengine --allowlist ext/stubtest-allowlist.txt
 
 test: $(STAMP) lint
 	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider
