@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .engines import ENGINES
 from .engines import python as _python
-from .errors import InvalidArgument, NotFound
+from .errors import Closed, InvalidArgument, NotFound
 from .types import Extent, Kind
 
 if TYPE_CHECKING:
@@ -130,10 +130,16 @@ class VolumeFile(io.RawIOBase):
     def seekable(self) -> bool:
         return True
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Closed(f"the file of volume {self._volume.key!r} is closed")
+
     def tell(self) -> int:
+        self._check_open()
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._volume.size}.get(whence)
         if base is None:
             raise InvalidArgument(f"invalid whence {whence}")
@@ -143,6 +149,7 @@ class VolumeFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer) -> int:
+        self._check_open()
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self._volume.size - self._pos))
         if n:
@@ -151,6 +158,7 @@ class VolumeFile(io.RawIOBase):
         return n
 
     def write(self, data) -> int:
+        self._check_open()
         view = memoryview(data).cast("B")
         n = len(view)
         if self._pos + n > self._volume.size:

@@ -45,7 +45,7 @@ cdef class VolumeBase:
     cdef int _check(self, object offset, object length, int64_t *off, int64_t *n, int64_t max_length) except -1:
         if self._closed:
             raise Closed(f"volume {self._key!r} is closed")
-        if not isinstance(offset, int) or not isinstance(length, int):
+        if not isinstance(offset, int) or not isinstance(length, int) or type(offset) is bool or type(length) is bool:
             raise InvalidArgument("offset and length must be ints")
         if (not (as_int64(offset, off) & as_int64(length, n)) or off[0] < 0 or n[0] < 0
                 or off[0] > self._size or n[0] > self._size - off[0]):
@@ -102,6 +102,8 @@ cdef class VolumeBase:
                 raise InvalidArgument(f"preadinto needs a writable buffer, not {type(buffer).__name__}") from None
             if mv.readonly:
                 raise InvalidArgument("preadinto needs a writable buffer")
+            if not mv.c_contiguous:
+                raise InvalidArgument("preadinto needs a contiguous buffer: a strided view cannot be filled in place")
         get_bytes_view(buffer, &view)
         try:
             self._check(offset, view.len, &off, &n, IO_LIMIT)
@@ -116,9 +118,11 @@ cdef class VolumeBase:
         cdef int64_t off, n
         if type(data) is not bytes and type(data) is not bytearray:
             try:
-                memoryview(data)
+                mv = memoryview(data)
             except TypeError:
                 raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
+            if not mv.c_contiguous:
+                data = mv.tobytes()
         get_bytes_view(data, &view)
         try:
             self._check(offset, view.len, &off, &n, IO_LIMIT)

@@ -783,7 +783,7 @@ class VolumeBase:
         """The checks every call makes, for the methods that live in Python."""
         if self._closed:
             raise Closed(f"volume {self._key!r} is closed")
-        if not isinstance(offset, int) or not isinstance(length, int):
+        if not isinstance(offset, int) or not isinstance(length, int) or bool in (type(offset), type(length)):
             raise InvalidArgument("offset and length must be ints")
         if offset < 0 or length < 0 or offset + length > self._size:
             raise InvalidArgument(f"range {offset}+{length} is outside the volume of {self._size} bytes")
@@ -832,6 +832,10 @@ class VolumeBase:
             raise InvalidArgument(f"preadinto needs a writable buffer, not {type(buffer).__name__}") from None
         if view.readonly:
             raise InvalidArgument("preadinto needs a writable buffer")
+        if not view.c_contiguous:
+            raise InvalidArgument(
+                "preadinto needs a contiguous buffer: a strided view cannot be filled in place"
+            )
         view = view.cast("B")
         self._check_range(offset, view.nbytes)
         self._read(view, offset)
@@ -843,6 +847,8 @@ class VolumeBase:
             view = memoryview(data)
         except TypeError:
             raise InvalidArgument(f"pwrite needs a bytes-like object, not {type(data).__name__}") from None
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
         view = view.cast("B")
         self._check_range(offset, view.nbytes)
         self._check_writable()

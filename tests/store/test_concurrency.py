@@ -72,3 +72,36 @@ def test_threads_writing_reading_and_committing_at_once_stay_consistent(store):
         for i in range(20):
             expected = b"layer %d" % i
             assert store.view(f"check{n}/{i}", f"l{n}/{i}").pread(len(expected), i * CHUNK) == expected
+
+
+def test_check_and_repair_are_exact_while_another_thread_writes(disk_store):
+    s = disk_store()
+    s.prepare("base").pwrite(os.urandom(16 * CHUNK), 0)
+    s.commit("img", "base")
+    vol = s.prepare("w", "img")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def writer() -> None:
+        rng = random.Random(1)
+        try:
+            while not stop.is_set():
+                off = rng.randrange(0, 64) * CHUNK
+                if rng.random() < 0.2:
+                    vol.write_zeroes(off, 4 * CHUNK)
+                else:
+                    vol.pwrite(rng.randbytes(4 * CHUNK), off)
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for i in range(40):
+            report = s.repair() if i % 4 == 3 else s.check(data=i % 2 == 0)
+            assert report.ok and report.leaks == 0, report.problems
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
+    assert s.check(data=True).ok

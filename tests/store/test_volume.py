@@ -47,6 +47,35 @@ def test_preadinto_fills_any_writable_buffer(store):
     assert bytes(mv) == b"\0\0\2\3\4\5\0\0\0\0"
 
 
+def test_a_strided_buffer_is_copied_for_a_write_and_refused_for_a_read(store):
+    vol = store.prepare("a")
+    assert vol.pwrite(memoryview(b"a-b-c-d-")[::2], 0) == 4
+    assert vol.pwrite(np.arange(8, dtype=np.uint8)[::2], 4) == 4
+    assert vol.pread(8, 0) == b"abcd\0\2\4\6"
+    with pytest.raises(errors.InvalidArgument, match="contiguous"):
+        vol.preadinto(memoryview(bytearray(8))[::2], 0)
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, True), (True, 1), (False, 0)])
+def test_bools_are_neither_offsets_nor_lengths(store, offset, length):
+    vol = store.prepare("a")
+    with pytest.raises(errors.InvalidArgument):
+        vol.pread(length, offset)
+    with pytest.raises(errors.InvalidArgument):
+        vol.write_zeroes(offset, length)
+
+
+def test_a_closed_file_object_refuses_io(store):
+    vol = store.prepare("a")
+    vol.pwrite(b"data", 0)
+    f = vol.file()
+    f.close()
+    for call in (lambda: f.read(4), lambda: f.write(b"x"), lambda: f.seek(0), f.tell):
+        with pytest.raises(errors.Closed):
+            call()
+    assert vol.pread(4, 0) == b"data"
+
+
 def test_preadinto_rejects_read_only_buffers(store):
     vol = store.prepare("a")
     with pytest.raises(errors.InvalidArgument):
