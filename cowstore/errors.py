@@ -42,7 +42,8 @@ class Corruption(Error):
 
 
 class NoSpace(Error, OSError):
-    """The pool has no room for a new chunk."""
+    """No room for a new chunk: the pool is at its limit or the host file system is full.
+    Nothing that was durable is touched, and the store goes on once there is room."""
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOSPC, message)
@@ -53,6 +54,11 @@ class NoSpace(Error, OSError):
 
 class Closed(Error, ValueError):
     """The store or volume was closed."""
+
+
+class Unavailable(Error):
+    """The store failed in a way that may have lost data (a failed fsync, a failing
+    database): it refuses every call until it is reopened."""
 
 
 __all__ = [
@@ -66,4 +72,5 @@ __all__ = [
     "NoSpace",
     "NotFound",
     "ReadOnly",
+    "Unavailable",
 ]

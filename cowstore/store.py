@@ -27,6 +27,7 @@ from .errors import (
     NoSpace,
     NotFound,
     ReadOnly,
+    Unavailable,
 )
 from .filters import compile_filters
 from .types import Extent, Info, Kind, Stats, Usage
@@ -739,7 +740,7 @@ class Store:
         if self._closed:
             raise Closed(f"store {self._where} is closed")
         if self._broken is not None:
-            raise Error(f"store {self._where} failed to persist and must be reopened: {self._broken}")
+            raise Unavailable(f"store {self._where} failed to persist and must be reopened: {self._broken}")
 
     def _persist(
         self,
@@ -755,7 +756,8 @@ class Store:
         durable and leaves the store usable: the engine's changes wait for the next step,
         `undo` puts back what the caller changed in memory, and the error is raised
         (`NoSpace` for a full disk). A failed fsync of the data or a failing database may
-        have lost what the engine handed over: the store is then broken, to be reopened.
+        have lost what the engine handed over: the store is then broken (`Unavailable`
+        now and for every later call), to be reopened.
         Returns the changes made durable.
         """
         changes = self._engine.take_changes(refcounts)
@@ -773,7 +775,9 @@ class Store:
         except BaseException as exc:
             if isinstance(exc, (OSError, Error)) and not isinstance(exc, NoSpace):
                 self._broken = exc
-                raise
+                raise Unavailable(
+                    f"store {self._where} failed to persist and must be reopened: {exc}"
+                ) from exc
             self._unsaved = changes
             if undo is not None:
                 undo()

@@ -10,6 +10,7 @@ every option but EXPORT_NAME and ABORT gets ERR_SHUTDOWN.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 import threading
@@ -25,6 +26,8 @@ from .stream import Disconnect, drain, recv_exact
 if TYPE_CHECKING:
     from ..volume import Volume
     from .server import ExportTable
+
+log = logging.getLogger(__package__)
 
 MAX_OPTION = 64 * 1024
 """Longest option data read; longer data is drained and refused with ERR_TOO_BIG."""
@@ -115,24 +118,35 @@ class _Negotiation:
                 return None
             if self.stopping.is_set():
                 self._error(option, P.REP_ERR_SHUTDOWN, "the server is shutting down")
-            elif option in (P.OPT_INFO, P.OPT_GO):
-                session = self._info(option, data)
-                if session is not None:
-                    return session
-            elif option == P.OPT_LIST:
-                self._list(data)
-            elif option == P.OPT_STRUCTURED_REPLY:
-                if data:
-                    self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-                else:
-                    self.structured = True
-                    self._reply(option, P.REP_ACK)
-            elif option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
-                self._meta_context(option, data)
-            elif option == P.OPT_STARTTLS:
-                self._error(option, P.REP_ERR_POLICY, "TLS is not offered; use a unix socket or loopback")
+                continue
+            try:
+                session = self._option(option, data)
+            except errors.Unavailable as exc:
+                log.warning("nbd: the store cannot serve: %s", exc)
+                self._error(option, P.REP_ERR_SHUTDOWN, str(exc))
+                continue
+            if session is not None:
+                return session
+
+    def _option(self, option: int, data: bytes) -> Session | None:
+        """Answer one option; the Session once GO (or INFO) opened an export."""
+        if option in (P.OPT_INFO, P.OPT_GO):
+            return self._info(option, data)
+        if option == P.OPT_LIST:
+            self._list(data)
+        elif option == P.OPT_STRUCTURED_REPLY:
+            if data:
+                self._error(option, P.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
             else:
-                self._error(option, P.REP_ERR_UNSUP, f"option {option} is not supported")
+                self.structured = True
+                self._reply(option, P.REP_ACK)
+        elif option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
+            self._meta_context(option, data)
+        elif option == P.OPT_STARTTLS:
+            self._error(option, P.REP_ERR_POLICY, "TLS is not offered; use a unix socket or loopback")
+        else:
+            self._error(option, P.REP_ERR_UNSUP, f"option {option} is not supported")
+        return None
 
     def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
         self.sock.sendall(P.OPTION_REPLY.pack(P.OPTION_REPLY_MAGIC, option, reply, len(data)) + data)

@@ -308,6 +308,8 @@ class Server:
                 self._store.flush()
             except errors.Closed:
                 pass
+            except (errors.Unavailable, errors.NoSpace) as exc:
+                log.warning("nbd: flushing the store at shutdown failed: %s", exc)
             except Exception:
                 log.exception("nbd: flushing the store at shutdown failed")
         finally:

@@ -327,6 +327,10 @@ class Transmission:
             )
         else:
             self._queue(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, error, cookie))
+        if isinstance(exc, errors.Unavailable):
+            # The store must be reopened: no later request can succeed on this connection.
+            self._send_out()
+            raise Disconnect(f"the store cannot serve: {exc}")
 
     def _check(self, kind: int, flags: int, offset: int, length: int, beyond: int = P.EINVAL) -> None:
         allowed = _COMMAND_FLAGS[kind]

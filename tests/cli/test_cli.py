@@ -23,8 +23,7 @@ import cowstore
 from cowstore import cli, rawimage
 from cowstore.check import CheckReport
 from tests.conftest import CHUNK, SIZE
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.console import command, env
 
 
 @dataclass
@@ -883,20 +882,6 @@ def test_bad_listen_addresses_are_refused(text):
 
 
 # -- the real command ---------------------------------------------------------------------
-
-
-def command() -> list[str]:
-    """The installed console script, else the same entry point through the interpreter."""
-    script = Path(sys.executable).with_name("cowstore")
-    if script.exists():
-        return [str(script)]
-    if os.environ.get("CI"):
-        pytest.fail("the cowstore console script is not installed next to the interpreter")
-    return [sys.executable, "-c", "import sys; from cowstore.cli import main; sys.exit(main())"]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_the_console_script_lists_snapshots_as_json(made):
