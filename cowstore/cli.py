@@ -387,8 +387,9 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
 @command("rm", "remove snapshots (children before their parents)", arg("keys", nargs="+", metavar="KEY"))
 def _cmd_rm(args: argparse.Namespace) -> int:
-    """Removes every key given; children named too go first, so `rm base child` works."""
-    failed = False
+    """Removes every key given, saying for each whether it went; children named too go
+    first, so `rm base child` works."""
+    outcome: dict[str, Error | None] = {}
     with _open_store(args) as store:
         pending = list(dict.fromkeys(args.keys))
         while pending:
@@ -396,21 +397,29 @@ def _cmd_rm(args: argparse.Namespace) -> int:
             for key in pending:
                 try:
                     store.remove(key)
-                except FailedPrecondition:
+                    outcome[key] = None
+                except FailedPrecondition as exc:
                     blocked.append(key)
+                    outcome[key] = exc
                 except Error as exc:
-                    _error(exc)
-                    failed = True
+                    outcome[key] = exc
             if len(blocked) == len(pending):
-                for key in blocked:
-                    try:
-                        store.remove(key)
-                    except Error as exc:
-                        _error(exc)
-                        failed = True
                 break
             pending = blocked
-    return 1 if failed else 0
+    if args.json:
+        _emit_json(
+            [
+                {"key": key, "removed": exc is None, **({"error": _error_json(exc)} if exc else {})}
+                for key, exc in outcome.items()
+            ]
+        )
+    else:
+        for key, exc in outcome.items():
+            if exc is None:
+                print(f"removed {key}")
+            else:
+                _error(exc, args)
+    return 1 if any(outcome.values()) else 0
 
 
 @command(
@@ -490,39 +499,47 @@ def _cmd_df(args: argparse.Namespace) -> int:
 
 @command("tree", "the snapshot tree with kind, size and exclusive usage")
 def _cmd_tree(args: argparse.Namespace) -> int:
+    """Parents before children. Chains are as deep as 1024 layers, so nothing here recurses
+    or indents by depth: --json is a flat list (each node names its parent and children),
+    and an only child prints under its parent marked "↳" instead of one level further in."""
     with _open_store(args) as store:
         infos = list(store.walk())
         usage = {i.name: store.usage(i.name) for i in infos}
     children: dict[str | None, list[Info]] = {}
     for info in infos:
         children.setdefault(info.parent, []).append(info)
-    if args.json:
-        nodes: dict[str, dict[str, Any]] = {
-            i.name: {
-                "name": i.name,
-                "kind": i.kind.value,
-                "size": i.size,
-                "usage": {"size": usage[i.name].size, "chunks": usage[i.name].chunks},
-                "children": [],
-            }
-            for i in infos
-        }
-        for info in infos:
-            if info.parent is not None:
-                nodes[info.parent]["children"].append(nodes[info.name])
-        _emit_json([nodes[i.name] for i in children.get(None, [])])
-        return 0
     stack: list[tuple[Info, str, str]] = [(i, "", "") for i in reversed(children.get(None, []))]
+    order: list[tuple[Info, str]] = []
     while stack:
         info, lead, rest = stack.pop()
+        order.append((info, lead))
+        kids = children.get(info.name, [])
+        if len(kids) == 1:
+            stack.append((kids[0], rest + "↳ ", rest))
+            continue
+        for n, kid in reversed(list(enumerate(kids))):
+            last = n == len(kids) - 1
+            stack.append((kid, rest + ("└── " if last else "├── "), rest + ("    " if last else "│   ")))
+    if args.json:
+        _emit_json(
+            [
+                {
+                    "name": i.name,
+                    "kind": i.kind.value,
+                    "parent": i.parent,
+                    "size": i.size,
+                    "usage": {"size": usage[i.name].size, "chunks": usage[i.name].chunks},
+                    "children": [k.name for k in children.get(i.name, [])],
+                }
+                for i, _ in order
+            ]
+        )
+        return 0
+    for info, lead in order:
         print(
             f"{lead}{info.name}  ({info.kind.value}, {format_size(info.size)}, "
             f"exclusive {format_size(usage[info.name].size)})"
         )
-        kids = children.get(info.name, [])
-        for n, kid in reversed(list(enumerate(kids))):
-            last = n == len(kids) - 1
-            stack.append((kid, rest + ("└── " if last else "├── "), rest + ("    " if last else "│   ")))
     return 0
 
 
@@ -851,8 +868,16 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _error(exc: BaseException) -> None:
-    print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+def _error_json(exc: BaseException) -> dict[str, str]:
+    return {"kind": type(exc).__name__, "message": _one_line(exc)}
+
+
+def _error(exc: BaseException, args: argparse.Namespace | None = None) -> None:
+    """One line on standard error; with --json, a JSON object."""
+    if args is not None and getattr(args, "json", False):
+        print(json.dumps({"error": _error_json(exc)}), file=sys.stderr)
+    else:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -876,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if args.debug:
             traceback.print_exc()
-        _error(exc)
+        _error(exc, args)
         return 1
     except KeyboardInterrupt:
         if args.debug:

@@ -337,12 +337,27 @@ def test_rm_removes_children_before_their_parents(run, made, store_at):
     assert list(store_at().walk()) == []
 
 
-def test_rm_removes_what_it_can_and_reports_each_failure(run, made, store_at):
+def test_rm_removes_what_it_can_and_reports_each_key(run, made, store_at):
     build(made, base_and_child)
     r = run("rm", "nope", "look")
     assert r.code == 1
-    one_error_line(r)
+    assert "'nope'" in one_error_line(r) and r.out.splitlines() == ["removed look"]
     assert [i.name for i in store_at().walk()] == ["base", "child"]
+
+
+def test_rm_json_reports_each_key(run, made):
+    build(made, base_and_child)
+    r = run("--json", "rm", "base", "child", "nope")
+    assert r.code == 1
+    assert [(e["key"], e["removed"]) for e in r.json] == [("base", False), ("child", True), ("nope", False)]
+    assert r.json[0]["error"]["kind"] == "FailedPrecondition" and r.json[2]["error"]["kind"] == "NotFound"
+
+
+def test_errors_are_a_json_object_on_stderr_with_json(run, made):
+    r = run("--json", "stat", "nope")
+    assert r.code == 1 and r.out == ""
+    error = json.loads(r.err)["error"]
+    assert error["kind"] == "NotFound" and "'nope'" in error["message"]
 
 
 def test_rm_of_a_parent_with_children_left_fails(run, made, store_at):
@@ -377,17 +392,33 @@ def test_df_human_output_shows_chunk_size_and_snapshots(run, made):
     assert "chunk size:     4 KiB" in out and "snapshots:      3 (1 view, 1 active, 1 committed)" in out
 
 
-def test_tree_nests_children_under_parents_with_usage(run, made):
+def test_tree_lists_parents_before_children_with_usage(run, made):
     build(made, base_and_child)
     tree = run("tree", "--json").json
-    assert [n["name"] for n in tree] == ["base"]
-    assert tree[0]["usage"] == {"size": 3 * CHUNK, "chunks": 3}
-    kids = {n["name"]: n for n in tree[0]["children"]}
-    assert set(kids) == {"child", "look"}
-    assert kids["child"]["usage"]["chunks"] == 2 and kids["child"]["kind"] == "active"
+    assert [n["name"] for n in tree] == ["base", "child", "look"]
+    nodes = {n["name"]: n for n in tree}
+    assert nodes["base"]["usage"] == {"size": 3 * CHUNK, "chunks": 3}
+    assert (nodes["base"]["parent"], nodes["base"]["children"]) == (None, ["child", "look"])
+    assert nodes["child"]["usage"]["chunks"] == 2 and nodes["child"]["kind"] == "active"
+    assert nodes["child"]["parent"] == "base"
     lines = run("tree").out.splitlines()
     assert lines[0].startswith("base  (committed, 1 MiB, exclusive 12 KiB)")
     assert lines[1].startswith("├── child") and lines[2].startswith("└── look")
+
+
+def test_tree_of_a_chain_1024_deep_neither_recurses_nor_indents_by_depth(run, made, store_at):
+    s = store_at()
+    parent = None
+    for n in range(1024):
+        s.prepare(f"w{n}", parent, size=None if parent else 64 * CHUNK)
+        s.commit(f"l{n}", f"w{n}")
+        parent = f"l{n}"
+    s.close()
+    tree = run("tree", "--json").json
+    assert [n["name"] for n in tree] == [f"l{n}" for n in range(1024)]
+    assert tree[-1]["parent"] == "l1022" and tree[0]["children"] == ["l1"]
+    lines = run("tree").out.splitlines()
+    assert len(lines) == 1024 and lines[1].startswith("↳ l1  ") and lines[-1].startswith("↳ l1023  ")
 
 
 # -- map and diff -----------------------------------------------------------------
