@@ -13,8 +13,10 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, TextIO, TypeVar
 
 from . import layout, rawimage, units
 from .check import CheckReport, Problem
-from .errors import Corruption, Error, FailedPrecondition
+from .errors import Corruption, Error, FailedPrecondition, NotFound
 from .store import Store
 from .types import Info, Kind
 from .units import format_size
@@ -63,11 +65,11 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 
 @contextlib.contextmanager
-def _open_store(args: argparse.Namespace, *, readonly: bool = False) -> Iterator[Store]:
+def _open_store(args: argparse.Namespace, *, readonly: bool = False, verify: bool = False) -> Iterator[Store]:
     path = _store_path(args)
     if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
-    with layout.open(path, readonly=readonly, wait=args.wait) as store:
+    with layout.open(path, readonly=readonly, wait=args.wait, verify_reads=verify) as store:
         yield store
 
 
@@ -409,16 +411,20 @@ def _cmd_rm(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(
             [
-                {"key": key, "removed": exc is None, **({"error": _error_json(exc)} if exc else {})}
-                for key, exc in outcome.items()
+                {
+                    "key": key,
+                    "removed": failure is None,
+                    **({"error": _error_json(failure)} if failure else {}),
+                }
+                for key, failure in outcome.items()
             ]
         )
     else:
-        for key, exc in outcome.items():
-            if exc is None:
+        for key, failure in outcome.items():
+            if failure is None:
                 print(f"removed {key}")
             else:
-                _error(exc, args)
+                _error(failure, args)
     return 1 if any(outcome.values()) else 0
 
 
@@ -641,10 +647,11 @@ def _cmd_import(args: argparse.Namespace) -> int:
     arg("key", metavar="KEY"),
     arg("file", metavar="FILE"),
     arg("--force", action="store_true", help="replace FILE if it exists"),
+    arg("--verify", action="store_true", help="check the sum of every committed chunk read"),
 )
 def _cmd_export(args: argparse.Namespace) -> int:
     with (
-        _open_store(args) as store,
+        _open_store(args, verify=args.verify) as store,
         rawimage.snapshot_volume(store, args.key) as vol,
         _progress(vol.size, f"export {args.key}") as bar,
     ):
@@ -783,16 +790,41 @@ def parse_listen(text: str) -> tuple[str, int]:
     ),
     arg("--export", action="append", metavar="KEY", help="export only these (repeatable)"),
     arg("--allow-remote", action="store_true", help="allow listening on a non-loopback address"),
+    arg("--verify", action="store_true", help="check the sum of every committed chunk read"),
 )
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Checks every option before the store opens, names what is exported and where."""
     host, port = parse_listen(args.listen) if args.listen else ("127.0.0.1", 10809)
     try:
         from . import nbd
     except ImportError as exc:
         raise UsageError(f"the NBD server is not available: {exc}") from exc
-    with _open_store(args) as store:
+    if args.socket is not None:
+        _check_socket_path(Path(args.socket))
+    elif not args.allow_remote and not nbd.is_loopback(host):
+        raise UsageError(
+            f"--listen {args.listen}: {host} is not a loopback address, and NBD has no "
+            "authentication: pass --allow-remote to serve beyond this machine"
+        )
+    with _open_store(args, verify=args.verify) as store:
+        for key in args.export or ():
+            try:
+                kind = store.stat(key).kind
+            except NotFound:
+                raise UsageError(f"--export {key}: no snapshot has that key") from None
+            if kind is Kind.COMMITTED:
+                raise UsageError(f"--export {key}: it is committed; export a view of it (cowstore view)")
+
+        def ready(server: Any) -> None:
+            for key in server.export_names():
+                mode = "read-only" if store.stat(key).kind is Kind.VIEW else "read-write"
+                print(f"exporting {key} ({mode}) at {_nbd_uri(server.address, key)}", flush=True)
+            if not args.export:
+                print(f"serving every active snapshot and view at {_nbd_uri(server.address, '')}", flush=True)
+
         nbd.serve(
             store,
+            ready=ready,
             exports=args.export or None,
             host=host,
             port=port,
@@ -800,6 +832,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             allow_remote=args.allow_remote,
         )
     return 0
+
+
+def _check_socket_path(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise UsageError(f"--socket {path}: the directory {path.parent} does not exist")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(
+            f"--socket {path}: something that is not a socket is there; remove it or pick another path"
+        )
+
+
+def _nbd_uri(address: tuple[str, int] | str, key: str) -> str:
+    """The NBD URI of export `key` (qemu, nbdinfo and nbdcopy take these)."""
+    name = urllib.parse.quote(key, safe="")
+    if isinstance(address, str):
+        return f"nbd+unix:///{name}?socket={address}"
+    host, port = address
+    return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{name}"
 
 
 # -- the parser --------------------------------------------------------------

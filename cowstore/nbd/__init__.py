@@ -14,6 +14,6 @@ from __future__ import annotations
 
 from .handshake import MAX_OPTION
 from .proto import MAX_PAYLOAD
-from .server import Server, serve
+from .server import Server, is_loopback, serve
 
-__all__ = ["MAX_OPTION", "MAX_PAYLOAD", "Server", "serve"]
+__all__ = ["MAX_OPTION", "MAX_PAYLOAD", "Server", "is_loopback", "serve"]

@@ -165,7 +165,7 @@ class Server:
             return sock
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise errors.InvalidArgument(f"port {port!r} is not a TCP port number")
-        if not allow_remote and not _is_loopback(host):
+        if not allow_remote and not is_loopback(host):
             raise errors.InvalidArgument(
                 f"host {host!r} is not a loopback address: NBD has no authentication, "
                 "so serving beyond this machine needs allow_remote=True"
@@ -370,12 +370,15 @@ class Server:
             self._connections.discard(connection)
 
 
-def serve(store: Store, **kw: Any) -> None:
+def serve(store: Store, *, ready: Callable[[Server], None] | None = None, **kw: Any) -> None:
     """Serve `store` until SIGTERM or SIGINT, then finish in-flight requests and flush.
 
-    Keyword arguments are `Server`'s. The store stays open: it belongs to the caller.
+    Keyword arguments are `Server`'s; `ready` is called with the server once it listens.
+    The store stays open: it belongs to the caller.
     """
     server = Server(store, **kw)
+    if ready is not None:
+        ready(server)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -398,7 +401,8 @@ def serve(store: Store, **kw: Any) -> None:
         server.stop()
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (the server's default reach)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

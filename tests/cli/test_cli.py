@@ -946,6 +946,8 @@ def test_serve_exports_a_snapshot_that_nbdinfo_reads_and_stops_on_sigterm(made, 
             assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.05)
         uri = f"nbd+unix:///child?socket={sock}"
+        assert server.stdout is not None
+        assert server.stdout.readline() == f"exporting child (read-write) at {uri}\n"
         info = json.loads(
             subprocess.run(
                 ["nbdinfo", "--json", uri], capture_output=True, text=True, check=True, timeout=30
@@ -967,3 +969,42 @@ def test_serve_exports_a_snapshot_that_nbdinfo_reads_and_stops_on_sigterm(made, 
             server.kill()
             server.communicate()
     assert server.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--export", "nope"], "--export nope: no snapshot has that key"),
+        (["--export", "base"], "--export base: it is committed"),
+        (["--listen", "0.0.0.0:0"], "--allow-remote"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_serve_naming_the_option(run, made, args, says):
+    build(made, base_and_child)
+    r = run("serve", *args)
+    assert r.code == 1 and says in one_error_line(r)
+
+
+def test_serve_refuses_a_socket_path_it_cannot_use_naming_it(run, made, tmp_path):
+    build(made, base_and_child)
+    missing = tmp_path / "no" / "such" / "dir" / "s"
+    r = run("serve", "--socket", str(missing))
+    assert (
+        r.code == 1 and f"--socket {missing}" in one_error_line(r) and "does not exist" in one_error_line(r)
+    )
+    regular = tmp_path / "file"
+    regular.write_text("keep me")
+    r = run("serve", "--socket", str(regular))
+    assert r.code == 1 and f"--socket {regular}" in one_error_line(r)
+    assert regular.read_text() == "keep me"
+
+
+def test_export_verify_refuses_a_chunk_that_fails_its_sum(run, made, tmp_path):
+    build(made, base_and_child)
+    with open(made / "data", "r+b") as f:
+        f.seek(0)
+        f.write(b"X")
+    assert run("export", "base", str(tmp_path / "plain.raw")).code == 0
+    r = run("export", "base", str(tmp_path / "checked.raw"), "--verify")
+    assert r.code == 1 and "'base'" in one_error_line(r) and "checksum" in one_error_line(r)
+    assert not (tmp_path / "checked.raw").exists()
