@@ -305,9 +305,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         _emit_json(figures)
     else:
         what = "created store" if store.created else "store exists"
+        limit = f"pool limit {format_size(store.max_bytes)}" if store.max_bytes else "no pool limit"
         print(
             f"{what} at {figures['path']} (chunk size {format_size(store.chunk_size)}, "
-            f"default size {format_size(store.default_size)})"
+            f"default size {format_size(store.default_size)}, {limit})"
         )
     return 0
 

@@ -171,8 +171,6 @@ def open(
                         f"{name}={value} differs from the store's {name}={stored.get(name)}, "
                         "fixed at creation"
                     )
-            if max_bytes is not None:
-                stored = {**stored, "max_bytes": max_bytes}
             try:
                 data_fd = os.open(path / DATA_FILE, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
             except FileNotFoundError:
@@ -180,10 +178,6 @@ def open(
             try:
                 backing = Backing(str(path), meta, data_fd, lock_fd, durable=True)
                 store = Store(backing, stored, engine=engine, verify_reads=verify_reads, readonly=readonly)
-                store.created = created
-                if max_bytes is not None:
-                    meta.set_setting("max_bytes", max_bytes)
-                return store
             except BaseException:
                 os.close(data_fd)
                 raise
@@ -193,6 +187,15 @@ def open(
     except BaseException:
         os.close(lock_fd)
         raise
+    # The store owns its files from here on.
+    store.created = created
+    if max_bytes is not None:
+        try:
+            store.set_max_bytes(max_bytes)
+        except BaseException:
+            store.close()
+            raise
+    return store
 
 
 def memory(

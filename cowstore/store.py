@@ -7,6 +7,7 @@ does the chunk work. Every snapshotter call is durable when it returns.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,10 @@ MAX_MAP_PAGES = 1 << 22
 """A snapshot's map directory stays within 32 MiB (SQLite keeps it as one blob): with 4 KiB
 chunks a snapshot holds up to 16 TiB, with 64 KiB chunks 256 TiB."""
 MAX_KEY_LENGTH = 4096
+MAX_LABEL_LENGTH = 4096
+"""As containerd: a key, and a label's key and value together, hold at most 4096 bytes."""
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Control characters, refused in keys and label keys: a newline would break every table."""
 PREALLOCATE = 64 * MiB
 """A store in a directory reserves data-file blocks ahead of its growing pool, as much as
 the pool holds up to this much (as XFS does for a growing file): a first write into a new
@@ -133,10 +138,10 @@ def _check_key(key: object, what: str = "key") -> str:
         raise InvalidArgument(f"{what} must be a str, not {type(key).__name__}")
     if not key:
         raise InvalidArgument(f"{what} must not be empty")
-    if "\0" in key:
-        raise InvalidArgument(f"{what} {key!r} contains a NUL character")
-    if len(key) > MAX_KEY_LENGTH:
-        raise InvalidArgument(f"{what} is longer than {MAX_KEY_LENGTH} characters")
+    if _CONTROL.search(key):
+        raise InvalidArgument(f"{what} {key!r} contains a control character")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_LENGTH:
+        raise InvalidArgument(f"{what} is longer than {MAX_KEY_LENGTH} bytes")
     return key
 
 
@@ -148,8 +153,17 @@ def _check_labels(labels: object) -> dict[str, str]:
     for k, v in labels.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidArgument(f"label {k!r}={v!r}: labels must map str to str")
-        if not k or "\0" in k or "\0" in v:
-            raise InvalidArgument(f"label {k!r}: keys must be non-empty and neither may contain NUL")
+        if not k or _CONTROL.search(k) or "\0" in v:
+            raise InvalidArgument(
+                f"label {k!r}: keys must be non-empty without control characters, and values without NUL"
+            )
+        if (
+            len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+            > MAX_LABEL_LENGTH
+        ):
+            raise InvalidArgument(
+                f"label {k!r}: key and value together are longer than {MAX_LABEL_LENGTH} bytes"
+            )
     return dict(labels)
 
 
@@ -638,6 +652,23 @@ class Store:
             finally:
                 self._engine.release(free)
             return freed
+
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Limit the pool to `max_bytes` (None or 0: no limit), kept in the store. A limit is
+        at least one chunk and not below what the pool holds now."""
+        with self._lock:
+            self._check_writable()
+            before = self.max_bytes
+            self._set_max_bytes(max_bytes or None)
+            held = self._engine.stats()["used"] * self.chunk_size
+            if max_bytes and max_bytes < held:
+                self._set_max_bytes(before)
+                raise InvalidArgument(f"max_bytes {max_bytes} is below the {held} bytes the pool holds now")
+            try:
+                self._meta.set_setting("max_bytes", max_bytes or 0)
+            except BaseException:
+                self._set_max_bytes(before)
+                raise
 
     def _set_max_bytes(self, max_bytes: int | None) -> None:
         if max_bytes is not None:

@@ -77,7 +77,7 @@ cdef class VolumeBase:
         for attempt in range(2):
             err = NO_ERROR
             self._engine.write_from(self._map, True, off, n, data, &err)
-            if (err.kind != E_NOSPACE and err.kind != E_FULL) or attempt or not self._reclaim():
+            if err.kind not in (E_NOSPACE, E_NOSPACE_WRITE, E_FULL) or attempt or not self._reclaim():
                 break
         if err.kind:
             raise error(&self._engine.st, &err, (self._map.id,), off, n, self._key)

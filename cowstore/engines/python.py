@@ -545,8 +545,10 @@ class Engine:
 
     def _reserve(self, slots: int) -> None:
         """Refuse, before changing anything, a write that needs more new slots than the pool has."""
-        if slots > len(self._free) + max(0, self._max_slots - self._nslots):
-            raise NoSpace(f"the pool is full: {self._nslots} chunks of {self._cs} bytes in use")
+        left = len(self._free) + max(0, self._max_slots - self._nslots)
+        if slots > left:
+            need = f"the write needs {slots} new chunks of {self._cs} bytes"
+            raise NoSpace(f"the pool is full: {need} and {left} are left")
 
     def _alloc(self) -> int:
         if self._free:

@@ -8,6 +8,7 @@ cdef enum:
     E_RANGE         # the range (offset, length) is outside the map
     E_CHUNK_RANGE   # the chunk range (offset = first chunk, length = count) is outside the map
     E_NOSPACE       # a: slots in the pool
+    E_NOSPACE_WRITE  # a: new chunks a write needs, b: chunks the pool can still give
     E_CORRUPT       # a: data-file offset of the short read
     E_CHECKSUM      # a: chunk, b: slot
     E_OS            # errnum
@@ -50,6 +51,8 @@ cdef object error(State *st, Err *err, tuple args, object offset=None, object le
         return ValueError(f"range {offset * st.cs}+{length * st.cs} is outside the map")
     if kind == E_NOSPACE:
         return NoSpace(f"the pool is full: {err.a} chunks of {st.cs} bytes in use")
+    if kind == E_NOSPACE_WRITE:
+        return NoSpace(f"the pool is full: the write needs {err.a} new chunks of {st.cs} bytes and {err.b} are left")
     if kind == E_CORRUPT or kind == E_CHECKSUM:
         if kind == E_CORRUPT:
             exc = Corruption(f"short read at data offset {err.a}: the data file is truncated")

@@ -338,16 +338,18 @@ cdef uint64_t slots_needed(State *st, Map *m, const unsigned char *data, uint64_
 
 cdef int map_write(State *st, Map *m, const unsigned char *data, uint64_t off, uint64_t n, Err *err) noexcept nogil:
     """Write (data NULL: zero) a validated range. NoSpace is decided before any change."""
-    cdef uint64_t pos = 0, chunk, within, piece, avail, cs = st.cs
+    cdef uint64_t pos = 0, chunk, within, piece, avail, need, cs = st.cs
     if n == 0:
         return 0
     avail = st.free.n
     if st.max_slots > <int64_t>st.nslots:
         avail += <uint64_t>(st.max_slots - <int64_t>st.nslots)
     if ((off + n - 1) >> st.cs_shift) - (off >> st.cs_shift) + 1 > avail:
-        if slots_needed(st, m, data, off, n) > avail:
-            err.kind = E_NOSPACE
-            err.a = <int64_t>st.nslots
+        need = slots_needed(st, m, data, off, n)
+        if need > avail:
+            err.kind = E_NOSPACE_WRITE
+            err.a = <int64_t>need
+            err.b = <int64_t>avail
             return -1
     st.running = 1
     while pos < n:

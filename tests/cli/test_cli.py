@@ -131,6 +131,20 @@ def test_init_max_bytes_limits_the_pool_and_zero_lifts_it(run, store_at):
     assert run("--json", "init", "--max-bytes", "0").json["max_bytes"] is None
 
 
+def test_init_refuses_a_limit_below_one_chunk_or_below_what_the_pool_holds(run, made, store_at):
+    build(made, base_and_child)
+    r = run("init", "--max-bytes", "1K")
+    assert r.code == 1 and "one chunk" in one_error_line(r)
+    r = run("init", "--max-bytes", "8K")
+    assert r.code == 1 and "below the" in one_error_line(r)
+    assert store_at().max_bytes is None
+
+
+def test_init_names_the_pool_limit(run, made):
+    assert "pool limit 1 MiB" in run("init", "--max-bytes", "1M").out
+    assert "no pool limit" in run("init", "--max-bytes", "0").out
+
+
 def test_init_of_an_existing_store_with_its_settings_succeeds(run, made):
     r = run("init", "--chunk-size", "4096", "--json")
     assert r.code == 0 and r.json["created"] is False and r.json["chunk_size"] == CHUNK

@@ -311,13 +311,20 @@ def test_transitivity_a_child_sees_its_ancestors_and_its_own_writes(store):
     assert store.view("va", "ca").pread(10, 0) == b"A" * 10
 
 
-@pytest.mark.parametrize("bad", ["", "a\0b", 5, None, b"key"])
+@pytest.mark.parametrize("bad", ["", "a\0b", "a\nb", "tab\t", "del\x7f", "é" * 2049, 5, None, b"key"])
 def test_bad_keys_raise_invalid_argument(store, bad):
     with pytest.raises(errors.InvalidArgument):
         store.prepare(bad)
 
 
-@pytest.mark.parametrize("labels", [{"k": 1}, {1: "v"}, ["k"], {"": "v"}])
+def test_keys_and_labels_may_hold_4096_bytes(store):
+    store.prepare("k" * 4096, labels={"l" * 96: "v" * 4000})
+    assert store.stat("k" * 4096).labels == {"l" * 96: "v" * 4000}
+
+
+@pytest.mark.parametrize(
+    "labels", [{"k": 1}, {1: "v"}, ["k"], {"": "v"}, {"a\nb": "v"}, {"k" * 96: "v" * 4001}]
+)
 def test_bad_labels_raise_invalid_argument(store, labels):
     with pytest.raises(errors.InvalidArgument):
         store.prepare("a", labels=labels)

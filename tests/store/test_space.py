@@ -47,6 +47,12 @@ def test_pool_limit_refuses_new_chunks_with_no_space_and_harms_nothing(engine):
     assert store.check().ok
 
 
+def test_a_write_that_does_not_fit_says_how_many_chunks_it_needs_and_how_many_are_left(engine):
+    store = cowstore.memory(chunk_size=CHUNK, default_size=SIZE, max_bytes=2 * CHUNK, engine=engine)
+    with pytest.raises(errors.NoSpace, match="needs 3 new chunks of 4096 bytes and 2 are left"):
+        store.prepare("a").pwrite(b"x" * (3 * CHUNK), 0)
+
+
 def test_pool_limit_is_kept_across_reopen(disk_store, tmp_path):
     s = disk_store(max_bytes=2 * CHUNK)
     s.close()
