@@ -69,6 +69,7 @@ def _open_store(args: argparse.Namespace, *, readonly: bool = False, verify: boo
     path = _store_path(args)
     if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
+    readonly = readonly or args.read_only
     with layout.open(path, readonly=readonly, wait=args.wait, verify_reads=verify) as store:
         yield store
 
@@ -818,9 +819,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         def ready(server: Any) -> None:
             for key in server.export_names():
-                mode = "read-only" if store.stat(key).kind is Kind.VIEW else "read-write"
-                print(f"exporting {key} ({mode}) at {_nbd_uri(server.address, key)}", flush=True)
-            if not args.export:
+                readonly = store.readonly or store.stat(key).kind is Kind.VIEW
+                uri = _nbd_uri(server.address, key)
+                if args.json:
+                    print(json.dumps({"export": key, "readonly": readonly, "uri": uri}), flush=True)
+                else:
+                    print(
+                        f"exporting {key} ({'read-only' if readonly else 'read-write'}) at {uri}", flush=True
+                    )
+            if not args.export and not args.json:
                 print(f"serving every active snapshot and view at {_nbd_uri(server.address, '')}", flush=True)
 
         nbd.serve(
@@ -896,6 +903,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=WAIT,
         help=f"how long to wait for another process to let go of the store (default {WAIT:g})",
     )
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="open the store without changing it, a damaged one too: what is intact reads as usual",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output on every report")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -956,6 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if args.debug:
             traceback.print_exc()
+        if isinstance(exc, Corruption) and not args.read_only:
+            exc = Corruption(f"{exc} (--read-only opens what is intact; check reports every problem)")
         _error(exc, args)
         return 1
     except KeyboardInterrupt:

@@ -529,7 +529,7 @@ class Store:
                 raise FailedPrecondition(
                     f"snapshot {key!r} is committed: prepare or view a child to mount it"
                 )
-            return self._volume(self, s)
+            return self._volume(self, s, readonly=self.readonly)
 
     def map(self, key: str, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Extents of any snapshot, committed ones too, like `qemu-img map`."""

@@ -1022,3 +1022,22 @@ def test_export_verify_refuses_a_chunk_that_fails_its_sum(run, made, tmp_path):
     r = run("export", "base", str(tmp_path / "checked.raw"), "--verify")
     assert r.code == 1 and "'base'" in one_error_line(r) and "checksum" in one_error_line(r)
     assert not (tmp_path / "checked.raw").exists()
+
+
+def test_read_only_lists_and_exports_the_intact_snapshots_of_a_damaged_store(run, made, tmp_path):
+    build(made, base_and_child)
+    with sqlite3.connect(made / "meta.sqlite") as db:
+        db.execute("UPDATE snapshots SET labels = '{damaged' WHERE key = 'child'")
+    db.close()
+    r = run("ls")
+    assert r.code == 1 and "--read-only" in one_error_line(r)
+    r = run("--read-only", "--json", "ls")
+    assert r.code == 0 and {i["name"] for i in r.json} == {"base", "child", "look"}
+    assert run("--read-only", "export", "base", str(tmp_path / "base.raw")).code == 0
+    assert (tmp_path / "base.raw").stat().st_size == SIZE
+    r = run("--read-only", "export", "child", str(tmp_path / "child.raw"))
+    assert r.code == 1 and "'child' is damaged" in one_error_line(r)
+    r = run("check")
+    assert r.code == 2 and "ERROR snapshot 'child': the labels of snapshot 'child' are damaged" in r.out
+    r = run("--read-only", "prepare", "new")
+    assert r.code == 1 and "read-only" in one_error_line(r)

@@ -104,3 +104,17 @@ def test_a_failed_store_gives_clean_errors_and_closes_connections(tmp_path, capl
     finally:
         server.stop()
         store.close()
+
+
+def test_a_read_only_store_exports_even_its_active_snapshots_read_only(engine, tmp_path):
+    with cowstore.open(tmp_path / "s", create=True, chunk_size=4096, engine=engine) as s:
+        s.prepare("a", size=MiB).pwrite(b"kept", 0)
+    with (
+        cowstore.open(tmp_path / "s", readonly=True, engine=engine) as store,
+        nbd.Server(store, socket_path=str(tmp_path / "sock")).start_in_thread() as server,
+    ):
+        client = connect(server, "a")
+        assert client.tflags & P.TFLAG_READ_ONLY
+        assert client.write(0, b"lost") == errno.EPERM
+        assert client.read(0, 4) == b"kept"
+        client.close()
