@@ -854,7 +854,7 @@ def test_check_exits_2_for_corruption_and_repair_changes_nothing(run, made):
         db.execute("UPDATE snapshots SET size = size - 1 WHERE key = 'child'")
     db.close()
     r = run("check")
-    assert r.code == 2 and "ERROR snapshot 'child'" in r.out
+    assert r.code == 2 and "ERROR snapshot 'child'" in r.out and "1 problem found on the store." in r.out
     r = run("check", "--repair", "--json")
     assert r.code == 2 and r.json["corruptions"] == 1
 
@@ -1041,3 +1041,10 @@ def test_read_only_lists_and_exports_the_intact_snapshots_of_a_damaged_store(run
     assert r.code == 2 and "ERROR snapshot 'child': the labels of snapshot 'child' are damaged" in r.out
     r = run("--read-only", "prepare", "new")
     assert r.code == 1 and "read-only" in one_error_line(r)
+
+
+def test_export_to_a_device_needs_force_and_names_it(run, made):
+    build(made, base_and_child)
+    r = run("export", "base", "/dev/null")
+    assert r.code == 1 and "/dev/null" in one_error_line(r) and "--force" in one_error_line(r)
+    assert run("export", "base", "/dev/null", "--force").code == 0
