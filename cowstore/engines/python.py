@@ -31,6 +31,7 @@ import threading
 import typing
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from .. import fallocate as _fs
 from ..errors import Closed, Corruption, InvalidArgument, NoSpace, NotFound, ReadOnly
@@ -540,8 +541,20 @@ class Engine:
         zero = piece.tobytes().count(0) == len(piece)
         if zero and (old == 0 or len(piece) == self._cs):
             return False
-        page = m.pages[chunk // self._pe]
-        return not (old and page is not None and self._refs[old & MAX_SLOT] == 1 and page.refs == 1)
+        return not self._in_place(m.pages[chunk // self._pe], chunk % self._pe, old)
+
+    def _in_place(self, page: _Page | None, i: int, old: int) -> bool:
+        """Whether entry `i` of `page`, naming `old`, is written in place: the page and the
+        slot are this map's alone, and the chunk carries no sum. A summed chunk is never
+        changed in place (a write copies it), so a durable sum always matches the durable
+        bytes, even where a commit that sealed the chunk failed."""
+        return (
+            bool(old)
+            and page is not None
+            and page.refs == 1
+            and self._refs[old & MAX_SLOT] == 1
+            and bool(old & PARTIAL or not page.sums[i])
+        )
 
     def _reserve(self, slots: int) -> None:
         """Refuse, before changing anything, a write that needs more new slots than the pool has."""
@@ -589,9 +602,8 @@ class Engine:
         full = n == self._cs
         page = m.pages[chunk // self._pe]
         i = chunk % self._pe
-        in_place = old and self._refs[old & MAX_SLOT] == 1 and not (full and zero)
-        if in_place and page is not None and page.refs == 1:
-            self._write_in_place(m, page, chunk, within, piece)
+        if not (full and zero) and self._in_place(page, i, old):
+            self._write_in_place(m, cast(_Page, page), chunk, within, piece)
             return
         page = self._page_for_write(m, chunk // self._pe)
         old = page.entries[i]
@@ -599,7 +611,7 @@ class Engine:
         data: memoryview | bytearray
         if full and zero:
             new = 0
-        elif old and self._refs[old & MAX_SLOT] == 1:
+        elif self._in_place(page, i, old):
             self._write_in_place(m, page, chunk, within, piece)
             return
         else:
@@ -652,9 +664,6 @@ class Engine:
             page.sums[i] = 0 if whole else bits
             self._dirty_pages[page.id] = page
             return
-        if page.sums[i]:
-            page.sums[i] = 0
-            self._dirty_pages[page.id] = page
         self._pwrite(piece, base + within)
 
     def _span(self, within: int, n: int) -> tuple[int, int]:

@@ -192,10 +192,18 @@ cdef int chunk_write_reserve(State *st, bint partial) noexcept nogil:
     return 0
 
 
+cdef inline bint chunk_in_place(State *st, Page *page, uint64_t i, uint32_t old) noexcept nogil:
+    """python.py's _in_place: the page and the slot are this map's alone and the chunk
+    carries no sum (a summed chunk is copied on write, so a durable sum always matches the
+    durable bytes, even where a commit that sealed the chunk failed)."""
+    return (old != 0 and page != NULL and page.refs == 1 and st.refs[old & FMT_SLOT_MASK] == 1
+            and ((old & FMT_PARTIAL) != 0 or sums(st, page)[i] == 0))
+
+
 cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uint64_t within,
                               const unsigned char *piece, uint64_t n, Err *err) noexcept nogil:
-    """python.py's _write_in_place: the chunk changes, so its sum goes (piece NULL:
-    zeros); a partial chunk gains the sub-blocks written, and is whole once it has all."""
+    """python.py's _write_in_place (piece NULL: zeros): a chunk without a sum is overwritten;
+    a partial chunk gains the sub-blocks written, and is whole once it has all."""
     cdef uint64_t i = chunk % st.pe, lo, hi, sub = st.sub
     cdef uint32_t e = ents(page)[i]
     cdef uint32_t *s = sums(st, page)
@@ -206,7 +214,7 @@ cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uin
         if st.scratch == NULL:
             err.kind = E_NOMEM
             return -1
-    if s[i] or e & FMT_PARTIAL:
+    if e & FMT_PARTIAL:
         if dirty_pages_reserve(st, 1):
             err.kind = E_NOMEM
             return -1
@@ -214,9 +222,6 @@ cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uin
         memset(st.scratch, 0, n)
         piece = st.scratch
     if not e & FMT_PARTIAL:
-        if s[i]:
-            s[i] = 0
-            page_mark_dirty(st, page)
         return data_overwrite(st, e, piece, n, base + within, err)
     lo = within / sub * sub
     hi = (within + n + sub - 1) / sub * sub
@@ -259,7 +264,7 @@ cdef int chunk_write(State *st, Map *m, uint64_t chunk, uint64_t within, const u
         zero = (old == 0 or full) and is_zero(piece, n)
     if old == 0 and zero:
         return 0
-    if old and st.refs[old & FMT_SLOT_MASK] == 1 and not (full and zero) and page.refs == 1:
+    if not (full and zero) and chunk_in_place(st, page, i, old):
         return chunk_write_in_place(st, m, page, chunk, within, piece, n, err)
     if chunk_write_reserve(st, not full):
         err.kind = E_NOMEM
@@ -330,7 +335,7 @@ cdef uint64_t slots_needed(State *st, Map *m, const unsigned char *data, uint64_
         old = ents(page)[chunk % st.pe] if page != NULL else 0
         full = piece == cs
         zero = data == NULL or ((old == 0 or full) and is_zero(data + pos, piece))
-        if not ((old == 0 and zero) or (full and zero) or (old and st.refs[old & FMT_SLOT_MASK] == 1 and page.refs == 1)):
+        if not ((old == 0 and zero) or (full and zero) or chunk_in_place(st, page, chunk % st.pe, old)):
             need += 1
         pos += piece
     return need

@@ -631,13 +631,18 @@ def test_sealed_chunks_are_verified_on_read(engine_class, data_fd):
     assert engine.pread(1, CS, 0) == payload[:CS]
     engine.set_verify(False)
     assert engine.pread(1, 1, CS + 5) == b"!"
+    engine.write(1, b"fix", CS + 50)  # a summed chunk is never changed in place: it is copied
     engine.set_verify(True)
-    engine.write(1, b"fix", CS + 50)  # in place: the chunk's sum goes, its page is dirty
-    assert engine.pread(1, 3, CS + 50) == b"fix"
-    assert engine.take_changes().pages == [(page_id, page_blob([1, 2, 0, 0], [sums[0], 0, 0, 0]))]
+    copied = bytearray(payload[CS:])
+    copied[5:6], copied[50:53] = b"!", b"fix"
+    assert engine.pread(1, CS, CS) == copied
+    changes = engine.take_changes()
+    assert changes.pages == [(page_id, page_blob([1, 3, 0, 0], [sums[0], 0, 0, 0]))]
+    assert changes.freed == [2]  # reusable once the page naming slot 3 is durable
+    engine.release(changes.freed)
     engine.clone_map(2, 1)
     engine.write(2, b"new", 0)  # copy-on-write: the new chunk has no sum, the old one keeps its own
-    assert engine.take_changes().pages[0][1] == page_blob([3, 2, 0, 0], [0, 0, 0, 0])
+    assert engine.take_changes().pages[0][1] == page_blob([2, 3, 0, 0], [0, 0, 0, 0])
     assert engine.seal(2) == 2
     assert engine.pread(2, 3, 0) == b"new"
 
