@@ -290,6 +290,85 @@ def test_sqlite_keeps_committed_transactions_and_drops_the_open_one(disk: Path, 
         db.close()
 
 
+def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) -> None:
+    from cowstore import _fs
+
+    with mount(disk) as m:
+        write_file(m.path / "f", b"x" * 10, sync_file=True, sync_dir=True)
+        fd = os.open(m.path / "f", os.O_RDWR)
+        try:
+            m.space(100)
+            assert os.statvfs(m.path).f_bavail * os.statvfs(m.path).f_frsize <= 100
+            assert os.pwrite(fd, b"y" * 200, 0) == 110, "a write that fits in part is short"
+            for call in (
+                lambda: os.pwrite(fd, b"z", 110),
+                lambda: os.ftruncate(fd, 111),
+                lambda: os.posix_fallocate(fd, 0, 4096),
+            ):
+                with pytest.raises(OSError) as info:
+                    call()
+                assert info.value.errno == errno.ENOSPC
+            assert not _fs.preallocate(fd, 110, 4096)
+            assert os.statvfs(m.path).f_bavail == 0
+            assert os.pwrite(fd, b"inside", 0) == 6, "a write inside the file takes no space"
+            os.ftruncate(fd, 50)
+            assert os.pwrite(fd, b"w" * 60, 50) == 60, "a truncate gives back what it cuts off"
+            m.space(0, cow=True)
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"cow", 0)
+            assert info.value.errno == errno.ENOSPC, "with cow, an overwrite takes space too"
+            m.space(None)
+            assert os.pwrite(fd, b"more", 110) == 4
+            assert os.pread(fd, 200, 0) == b"inside" + b"y" * 44 + b"w" * 60 + b"more"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert (disk / "f").read_bytes() == b"inside" + b"y" * 44 + b"w" * 60 + b"more"
+
+
+def test_blocks_reserved_past_the_end_take_space_and_a_truncate_gives_them_back(disk: Path) -> None:
+    from cowstore import _fs
+
+    with mount(disk) as m:
+        fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            m.space(8192)
+            assert _fs.preallocate(fd, 0, 8192)
+            assert os.fstat(fd).st_size == 0 and m.state()["free"] == 0
+            assert os.pwrite(fd, b"r" * 8192, 0) == 8192, "a write into reserved blocks takes no space"
+            assert not _fs.preallocate(fd, 8192, 1)
+            assert _fs.preallocate(fd, 0, 8192), "reserving what the file already takes needs nothing"
+            os.ftruncate(fd, 4096)
+            assert m.state()["free"] == 4096
+        finally:
+            os.close(fd)
+
+
+def test_sqlite_gets_sqlite_full_on_a_full_file_system_and_loses_nothing_committed(disk: Path) -> None:
+    with mount(disk) as m:
+        db = sqlite3.connect(m.path / "db", isolation_level=None)
+        try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE t (x)")
+            db.execute("INSERT INTO t VALUES (1)")
+            m.space(0, cow=True)
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                db.execute("INSERT INTO t VALUES (?)", (b"z" * 100000,))
+            m.space(None)
+            db.execute("INSERT INTO t VALUES (2)")
+        finally:
+            db.close()
+        m.cut()
+    db = sqlite3.connect(disk / "db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert [x for (x,) in db.execute("SELECT x FROM t ORDER BY rowid")] == [1, 2]
+    finally:
+        db.close()
+
+
 # -- cowstore under power cuts -----------------------------------------------------------
 
 

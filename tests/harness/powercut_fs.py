@@ -20,6 +20,18 @@ Durability model (the strictest POSIX allows; real ext4 with data=ordered keeps 
   empty after a cut.
 - A rename between two directories changes each one, and each change becomes durable at
   that directory's own fsync: a cut may leave both names, or neither.
+- Space (the ``space`` request): unlimited until a test sets how many bytes are left
+  (``free``); from then on a call that needs more fails with ENOSPC, and ``free``
+  None gives the space back. A file takes its size, or the end of the blocks reserved
+  past its end (fallocate with FALLOC_FL_KEEP_SIZE), whichever is larger, holes
+  included: so growing a file (a write past that end, an extending truncate or
+  fallocate) takes space, and writing inside it takes none, except with ``cow`` (as on
+  a copy-on-write file system such as btrfs, where every byte written takes new
+  space). A write that fits in part is short, as on ext4 (the caller's next write then
+  fails with ENOSPC); fallocate and truncate fit whole or fail. A truncate gives back
+  what it cuts off, reservations included (as ext4 does); an unlinked file keeps its
+  space while the limit lasts. statfs reports the bytes left. Space is checked when a
+  call is made, never at fsync.
 - Not modeled (kept at once, never lost): modes, owners and times. Locks (flock and
   POSIX) are the kernel's own, local to the mount. Symlinks and xattrs are not supported.
 
@@ -38,7 +50,9 @@ JSON request a line on its standard input and answers one JSON line on its stand
 output: ``cut`` (power cut now), ``arm`` (cut at the n-th sync from now, before or after
 that sync reaches the disk), both with an optional writeback seed, ``state``, ``sync``
 (make everything durable, like sync(2)) and ``exit`` (power off, unmount and stop; so
-does the end of its input, should the test process die).
+does the end of its input, should the test process die). ``space`` (with ``free``, bytes or
+null, and ``cow``) sets how much space is left (see the model above); every answer
+includes ``free``.
 """
 
 from __future__ import annotations
@@ -182,6 +196,11 @@ class File(Node):
         self.durable_size = self.keep = self.size = st.st_size
         self.pending = Extents()
         self.log: list[Run | int] = []
+        self.reserved = 0
+
+    def taken(self) -> int:
+        """The bytes this file takes for the space limit: its size or its reservation's end."""
+        return max(self.size, self.reserved)
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -307,6 +326,8 @@ class PowerCutFS:
         self._nodes: dict[int, Node] = {}
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
+        self.free: int | None = None
+        self.cow = False
         self.ready = threading.Event()
         self.root = self._load()
 
@@ -426,7 +447,49 @@ class PowerCutFS:
 
     def state(self) -> dict[str, Any]:
         with self.mutex:
-            return {"dead": self.dead, "why": self.why, "syncs": self.syncs}
+            return {"dead": self.dead, "why": self.why, "syncs": self.syncs, "free": self.free}
+
+    def set_space(self, free: int | None, cow: bool = False) -> None:
+        """Leave `free` bytes for files to grow into (None: unlimited); `cow`: overwrites take space too."""
+        with self.mutex:
+            if free is not None and (not isinstance(free, int) or free < 0):
+                raise ValueError(f"free must be a byte count or None, not {free!r}")
+            self.free, self.cow = free, bool(cow)
+
+    def _fit(self, node: File, offset: int, length: int) -> int:
+        """How much of a write of `length` bytes at `offset` fits (takes that space); ENOSPC if none."""
+        if self.free is None or length == 0:
+            return length
+        if self.cow:
+            fit = min(length, self.free)
+            need = fit
+        else:
+            end = node.taken()
+            need = max(0, offset + length - end)
+            fit = length if need <= self.free else max(0, end + self.free - offset)
+            need = min(need, self.free)
+        if fit <= 0:
+            raise _error(errno.ENOSPC)
+        self.free -= need
+        return fit
+
+    def _grow(self, node: File, end: int, *, reserve: bool = False) -> None:
+        """Take the space for `node` to reach `end` (its size, or reserved with `reserve`), or fail whole."""
+        need = max(0, end - node.taken())
+        if self.free is not None:
+            if need > self.free:
+                raise _error(errno.ENOSPC)
+            self.free -= need
+        if reserve:
+            node.reserved = max(node.reserved, end)
+
+    def _shrink(self, node: File, size: int) -> None:
+        """A truncate to `size`: grows like a write, or gives back what it cuts off, reservation included."""
+        if size > node.taken():
+            self._grow(node, size)
+        elif self.free is not None:
+            self.free += node.taken() - size
+        node.reserved = 0
 
     def remove_store(self) -> None:
         """Drop the inode store: the backing directory alone is the disk now."""
@@ -539,7 +602,10 @@ class PowerCutFS:
             "f_favail",
             "f_namemax",
         )
-        return {name: getattr(sv, name) for name in names}
+        attrs = {name: getattr(sv, name) for name in names}
+        if self.free is not None:
+            attrs["f_bfree"] = attrs["f_bavail"] = self.free // sv.f_frsize
+        return attrs
 
     @_op
     def chmod(self, path: str | None, mode: int) -> int:
@@ -647,6 +713,7 @@ class PowerCutFS:
         elif isinstance(node, Dir):
             raise _error(errno.EISDIR)
         elif flags & os.O_TRUNC:
+            self._shrink(node, 0)  # type: ignore[arg-type]
             node.truncate(0)  # type: ignore[attr-defined]
         return self._handle(node)
 
@@ -656,6 +723,7 @@ class PowerCutFS:
         if isinstance(node, Dir):
             raise _error(errno.EISDIR)
         if flags & os.O_TRUNC:
+            self._shrink(node, 0)  # type: ignore[arg-type]
             node.truncate(0)  # type: ignore[attr-defined]
         return self._handle(node)
 
@@ -680,14 +748,17 @@ class PowerCutFS:
 
     @_op
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        self._file(fh).write(offset, data, len(data))
-        return len(data)
+        node = self._file(fh)
+        n = self._fit(node, offset, len(data))
+        node.write(offset, data[:n], n)
+        return n
 
     @_op
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         node = self._node(path, fh)
         if not isinstance(node, File):
             raise _error(errno.EISDIR)
+        self._shrink(node, length)
         node.truncate(length)
         return 0
 
@@ -703,6 +774,7 @@ class PowerCutFS:
             return 0
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
             raise _error(errno.EOPNOTSUPP)
+        self._grow(node, offset + length, reserve=bool(mode & FALLOC_FL_KEEP_SIZE))
         if mode & FALLOC_FL_ZERO_RANGE:
             end = offset + length if not mode & FALLOC_FL_KEEP_SIZE else min(offset + length, node.size)
             if offset < end:
@@ -780,6 +852,8 @@ def _handle(fs: PowerCutFS, request: dict[str, Any]) -> None:
         fs.arm(int(request["n"]), bool(request["before"]), request.get("writeback"))
     elif op == "sync":
         fs.sync_all()
+    elif op == "space":
+        fs.set_space(request.get("free"), bool(request.get("cow", False)))
     elif op != "state":
         raise ValueError(f"unknown request {op!r}")
 
@@ -949,7 +1023,7 @@ class PowerCutMount:
         self._call("arm", n=n, before=before, writeback=writeback)
 
     def state(self) -> dict[str, Any]:
-        """``dead`` (the power is off), ``why`` and ``syncs`` (fsyncs so far)."""
+        """``dead`` (the power is off), ``why``, ``syncs`` (fsyncs so far), ``free`` (bytes left or None)."""
         return self._call("state")
 
     @property
@@ -959,6 +1033,12 @@ class PowerCutMount:
     def sync(self) -> None:
         """Make everything durable, as sync(2) would."""
         self._call("sync")
+
+    def space(self, free: int | None, *, cow: bool = False) -> None:
+        """Leave `free` bytes for files to grow into (ENOSPC beyond); None gives the space back.
+
+        With `cow`, overwriting takes space as well (a copy-on-write file system)."""
+        self._call("space", free=free, cow=cow)
 
     def close(self) -> None:
         """Power off (unsynced changes are lost), unmount and stop the process; idempotent."""
