@@ -12,9 +12,15 @@ the power: between operations, at the n-th fsync from now (before or after it re
 disk), or from a timer thread in the middle of whatever runs. Half the cuts lose every
 unsynced write; the other half first write back a random prefix of each file's unsynced
 writes, as a disk may. Half the mounts bypass the page cache (direct_io). The store
-object is then abandoned, never closed. The verdict is test_sigkill.py's: everything up to the last durable
-step exactly; later writes per chunk as some prefix of them in order; a call cut short
-may or may not have happened. The last round's disk is also opened without FUSE.
+object is then abandoned, never closed. The verdict is test_sigkill.py's: everything up to
+the last durable step exactly; later writes per chunk as some prefix of them in order; a
+call cut short may or may not have happened. The last round's disk is also opened without
+FUSE.
+
+In the full-disk scenarios the file system also runs out of space at random moments for a
+while (see `Filler`), so writes, flushes and snapshotter calls meet ENOSPC and fail with
+`NoSpace` (logged as ``failed``); space comes back and the workload goes on; one more cut
+mode strikes at one of the first fsyncs on a full disk.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ from typing import Any
 import pytest
 
 import cowstore
+from cowstore.errors import NoSpace
 from tests.crash.test_sigkill import Model, differences, observe, replay
 from tests.harness import crashload
 from tests.harness.crashload import CHUNK, SIZE, EarlyRelease, Workload
@@ -47,6 +55,9 @@ STRESS_CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 400))
 SELF_TEST_CUTS = 40
 MAX_STEPS = 300
 MODES = ("between", "fsync", "timer")
+FULL_MODES = (*MODES, "full-fsync")
+FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 12))
+STRESS_FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 300))
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +313,7 @@ def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) ->
             assert os.pwrite(fd, b"y" * 200, 0) == 110, "a write that fits in part is short"
             for call in (
                 lambda: os.pwrite(fd, b"z", 110),
-                lambda: os.ftruncate(fd, 111),
+                lambda: os.pwrite(fd, b"z", 4096),
                 lambda: os.posix_fallocate(fd, 0, 4096),
             ):
                 with pytest.raises(OSError) as info:
@@ -311,6 +322,10 @@ def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) ->
             assert not _fs.preallocate(fd, 110, 4096)
             assert os.statvfs(m.path).f_bavail == 0
             assert os.pwrite(fd, b"inside", 0) == 6, "a write inside the file takes no space"
+            os.ftruncate(fd, 4096)
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"z", 4000)
+            assert info.value.errno == errno.ENOSPC, "the hole an extending truncate leaves takes no space"
             os.ftruncate(fd, 50)
             assert os.pwrite(fd, b"w" * 60, 50) == 60, "a truncate gives back what it cuts off"
             m.space(0, cow=True)
@@ -406,6 +421,40 @@ class LateDataFsync(SkipDataFsync):
         self._engine.release(slots)
 
 
+class Filler:
+    """Takes the file system's space away at random moments between calls, and gives it back.
+
+    While full, from 0 to 3 chunks are left (so a write may land in part), and half the
+    time overwrites take space too (``cow``, so writes in place and SQLite's reused WAL
+    fail as well). A fill lasts 1 to 20 calls; in mode ``full-fsync`` the first one lasts
+    to the end, and the power is cut at one of the first three fsyncs after it begins.
+    Each change is logged (``space`` records, which `replay` ignores) for the report.
+    """
+
+    def __init__(self, m: PowerCutMount, rng: random.Random, r: Round, log: MemoryLog) -> None:
+        self.m, self.rng, self.r, self.log = m, rng, r, log
+        self.until: int | None = None
+
+    def tick(self, n: int) -> None:
+        rng = self.rng
+        if self.until is not None:
+            if n >= self.until:
+                self.m.space(None)
+                self.log.record("space", n=n, free=None)
+                self.until = None
+            return
+        if rng.random() >= 0.1:
+            return
+        free, cow = rng.choice([0, rng.randrange(3 * CHUNK)]), rng.random() < 0.5
+        self.m.space(free, cow=cow)
+        self.log.record("space", n=n, free=free, cow=cow)
+        self.r.fills += 1
+        self.until = n + rng.randint(1, 20)
+        if self.r.mode == "full-fsync" and self.r.fills == 1:
+            self.until = MAX_STEPS
+            self.m.arm(rng.randint(1, 3), before=rng.random() < 0.5, writeback=self.r.writeback)
+
+
 @dataclass
 class Round:
     """One power-on period: what ran, how the power went, and what the next boot found wrong."""
@@ -417,6 +466,8 @@ class Round:
     direct_io: bool
     writeback: int | None
     close: bool
+    full: bool = False
+    fills: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     why: str = ""
     interrupted: str | None = None
@@ -429,6 +480,7 @@ class Round:
         return (
             f"COWSTORE_POWERCUT_SEED={self.master}, round {self.number} (seed {self.seed}, "
             f"cut {self.mode}, {self.why}; direct_io={self.direct_io}; closed first: {self.close}; "
+            f"disk full {self.fills} times; "
             f"interrupted {self.interrupted}), {ops} operations:\n"
             f"  problems:\n    {problems}\n  last records:\n    {tail}"
         )
@@ -464,6 +516,7 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
     log = MemoryLog()
     r.records = log.records
     workload = Workload(store, log, r.seed)
+    filler = Filler(m, rng, r, log) if r.full else None
     steps = rng.randint(0, steps) if r.mode == "between" or r.close else MAX_STEPS
     timer = None
     if r.mode == "fsync":
@@ -473,12 +526,18 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
         timer.start()
     try:
         for n in range(steps):
+            if filler is not None:
+                filler.tick(n)
             workload.step(n)
         if r.close:
             log.record("begin", n=steps, op="flush", via=None)
-            store.close()
-            log.record("done", n=steps)
-            log.record("durable", n=steps)
+            try:
+                store.close()
+            except NoSpace as exc:
+                log.record("failed", n=steps, error=str(exc))
+            else:
+                log.record("done", n=steps)
+                log.record("durable", n=steps)
     except Exception as exc:
         if not m.dead:
             raise
@@ -496,10 +555,11 @@ def power_cut_rounds(
     engine: str,
     cuts: int,
     *,
-    sabotage: type | None = None,
+    sabotage: type | Callable[[cowstore.Store], None] | None = None,
     modes: tuple[str, ...] = MODES,
     writeback: float = 0.5,
     steps: int = 40,
+    full: bool = False,
 ) -> list[Round]:
     """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
     master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
@@ -518,6 +578,7 @@ def power_cut_rounds(
             direct_io=rng.random() < 0.5,
             writeback=writeback_seed,
             close=rng.random() < 0.25,
+            full=full,
         )
         with mount(disk, direct_io=r.direct_io) as m:
             try:
@@ -534,8 +595,10 @@ def power_cut_rounds(
                     _, rounds[-1].problems = verify(store, candidates)
                     if rounds[-1].problems:
                         return rounds
-                if sabotage is not None:
+                if isinstance(sabotage, type):
                     crashload.sabotage(store, sabotage)
+                elif sabotage is not None:
+                    sabotage(store)
                 start, _ = observe(store)
                 run_until_cut(m, store, r, rng, steps)
             finally:
@@ -553,9 +616,9 @@ def power_cut_rounds(
     return rounds
 
 
-def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
+def check_survives(tmp_path: Path, engine: str, cuts: int, **how: Any) -> list[Round]:
     began = time.monotonic()
-    rounds = power_cut_rounds(tmp_path, engine, cuts)
+    rounds = power_cut_rounds(tmp_path, engine, cuts, **how)
     failed = [r for r in rounds if r.problems]
     assert not failed, failed[0].report()
     ops = sum(1 for r in rounds for rec in r.records if rec["ev"] == "begin")
@@ -566,6 +629,24 @@ def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
         f"\n{engine}: {len(rounds)} power cuts ({dict(modes)}), {ops} operations, "
         f"{closes} closed first, calls cut short: {dict(cut_short)}, {time.monotonic() - began:.1f} s"
     )
+    return rounds
+
+
+def nospace_calls(rounds: list[Round]) -> Counter[str]:
+    """The calls that failed with `NoSpace`, by operation."""
+    calls: Counter[str] = Counter()
+    for r in rounds:
+        begun = {rec["n"]: rec["op"] for rec in r.records if rec["ev"] == "begin"}
+        calls.update(begun[rec["n"]] for rec in r.records if rec["ev"] == "failed")
+    return calls
+
+
+def check_survives_a_full_disk(tmp_path: Path, engine: str, cuts: int) -> None:
+    rounds = check_survives(tmp_path, engine, cuts, full=True, modes=FULL_MODES, steps=80)
+    calls = nospace_calls(rounds)
+    fills = sum(r.fills for r in rounds)
+    print(f"{engine}: the disk filled {fills} times; calls that failed with NoSpace: {dict(calls)}")
+    assert calls, f"in {len(rounds)} rounds the disk filled {fills} times, but no call met it"
 
 
 def test_flushed_writes_and_snapshotter_calls_survive_power_cuts(
@@ -582,19 +663,51 @@ def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts(
     check_survives(tmp_path, engine, STRESS_CUTS)
 
 
+def test_flushed_writes_and_snapshotter_calls_survive_power_cuts_on_a_disk_that_fills_up(
+    fuse_works: None, tmp_path: Path
+) -> None:
+    """Full-disk rounds: every call that met ENOSPC failed with `NoSpace` and changed nothing
+    durable (a data call: as read back), nothing acknowledged is lost, check(data=True) is clean."""
+    check_survives_a_full_disk(tmp_path, "python", FULL_CUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STRESS, reason="hundreds of power cuts: run by `make stress` (COWSTORE_STRESS=1)")
+def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts_on_a_disk_that_fills_up(
+    fuse_works: None, tmp_path: Path
+) -> None:
+    check_survives_a_full_disk(tmp_path, "python", STRESS_FULL_CUTS)
+
+
+def forget_unsaved(store: cowstore.Store) -> None:
+    """Breaks the store's full-disk rule: what a failed durable step held back counts as saved (dropped)."""
+    persist = store._persist
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        try:
+            persist(*args, **kwargs)
+        except NoSpace:
+            store._unsaved = None
+            raise
+
+    store._persist = broken  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize(
     ("sabotage", "how"),
     [
         (SkipDataFsync, {"modes": ("between",)}),
         (LateDataFsync, {"modes": ("fsync",)}),
         (EarlyRelease, {"modes": ("between",), "writeback": 1.0, "steps": MAX_STEPS}),
+        (forget_unsaved, {"modes": ("between",), "full": True, "steps": 80}),
     ],
-    ids=["data-fsync-missing", "data-fsync-after-metadata", "freed-slot-reused-early"],
+    ids=["data-fsync-missing", "data-fsync-after-metadata", "freed-slot-reused-early", "unsaved-dropped"],
 )
 def test_harness_catches_a_store_that_breaks_a_durability_rule(
-    fuse_works: None, tmp_path: Path, sabotage: type, how: dict[str, Any]
+    fuse_works: None, tmp_path: Path, sabotage: Any, how: dict[str, Any]
 ) -> None:
-    """The harness's own test: each broken rule must be caught (early slot reuse only with writeback).
+    """The harness's own test: each broken rule must be caught (early slot reuse only with writeback;
+    changes a failed flush held back and then dropped only on a disk that fills up).
 
     Each of these bugs leaves durable metadata naming data that is not on the disk, which
     the next boot finds as bytes matching no allowed state, a slot past the data file's
@@ -602,6 +715,8 @@ def test_harness_catches_a_store_that_breaks_a_durability_rule(
     rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, **how)
     problems = rounds[-1].problems
     assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
+    if how.get("full"):
+        assert nospace_calls(rounds), "the disk never filled up while a call ran"
     signs = ("matches neither", "beyond the pool", "fails its checksum")
     assert any(sign in p for p in problems for sign in signs), rounds[-1].report()
 

@@ -22,13 +22,13 @@ Durability model (the strictest POSIX allows; real ext4 with data=ordered keeps 
   that directory's own fsync: a cut may leave both names, or neither.
 - Space (the ``space`` request): unlimited until a test sets how many bytes are left
   (``free``); from then on a call that needs more fails with ENOSPC, and ``free``
-  None gives the space back. A file takes its size, or the end of the blocks reserved
-  past its end (fallocate with FALLOC_FL_KEEP_SIZE), whichever is larger, holes
-  included: so growing a file (a write past that end, an extending truncate or
-  fallocate) takes space, and writing inside it takes none, except with ``cow`` (as on
-  a copy-on-write file system such as btrfs, where every byte written takes new
-  space). A write that fits in part is short, as on ext4 (the caller's next write then
-  fails with ENOSPC); fallocate and truncate fit whole or fail. A truncate gives back
+  None gives the space back. A file takes the bytes up to the end of what was written
+  or fallocated into it (reservations past its size included; holes before that end
+  count as taken, a hole an extending truncate leaves past it does not). So a write or
+  fallocate past that end takes space, and writing before it takes none, except with
+  ``cow`` (as on a copy-on-write file system such as btrfs, where every byte written
+  takes new space). A write that fits in part is short, as on ext4 (the caller's next
+  write then fails with ENOSPC); fallocate fits whole or fails. A truncate gives back
   what it cuts off, reservations included (as ext4 does); an unlinked file keeps its
   space while the limit lasts. statfs reports the bytes left. Space is checked when a
   call is made, never at fsync.
@@ -196,11 +196,8 @@ class File(Node):
         self.durable_size = self.keep = self.size = st.st_size
         self.pending = Extents()
         self.log: list[Run | int] = []
-        self.reserved = 0
-
-    def taken(self) -> int:
-        """The bytes this file takes for the space limit: its size or its reservation's end."""
-        return max(self.size, self.reserved)
+        self.end = self.size
+        """The end of what was written or fallocated: the bytes this file takes (the space limit)."""
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -459,37 +456,37 @@ class PowerCutFS:
     def _fit(self, node: File, offset: int, length: int) -> int:
         """How much of a write of `length` bytes at `offset` fits (takes that space); ENOSPC if none."""
         if self.free is None or length == 0:
+            node.end = max(node.end, offset + length)
             return length
         if self.cow:
             fit = min(length, self.free)
             need = fit
         else:
-            end = node.taken()
+            end = node.end
             need = max(0, offset + length - end)
             fit = length if need <= self.free else max(0, end + self.free - offset)
             need = min(need, self.free)
         if fit <= 0:
             raise _error(errno.ENOSPC)
         self.free -= need
+        node.end = max(node.end, offset + fit)
         return fit
 
-    def _grow(self, node: File, end: int, *, reserve: bool = False) -> None:
-        """Take the space for `node` to reach `end` (its size, or reserved with `reserve`), or fail whole."""
-        need = max(0, end - node.taken())
+    def _grow(self, node: File, end: int) -> None:
+        """Take the space for a fallocate to `end`, or fail whole."""
+        need = max(0, end - node.end)
         if self.free is not None:
             if need > self.free:
                 raise _error(errno.ENOSPC)
             self.free -= need
-        if reserve:
-            node.reserved = max(node.reserved, end)
+        node.end = max(node.end, end)
 
     def _shrink(self, node: File, size: int) -> None:
-        """A truncate to `size`: grows like a write, or gives back what it cuts off, reservation included."""
-        if size > node.taken():
-            self._grow(node, size)
-        elif self.free is not None:
-            self.free += node.taken() - size
-        node.reserved = 0
+        """A truncate to `size` gives back what it cuts off, reservation included; growing takes nothing."""
+        if size < node.end:
+            if self.free is not None:
+                self.free += node.end - size
+            node.end = size
 
     def remove_store(self) -> None:
         """Drop the inode store: the backing directory alone is the disk now."""
@@ -774,7 +771,7 @@ class PowerCutFS:
             return 0
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
             raise _error(errno.EOPNOTSUPP)
-        self._grow(node, offset + length, reserve=bool(mode & FALLOC_FL_KEEP_SIZE))
+        self._grow(node, offset + length)
         if mode & FALLOC_FL_ZERO_RANGE:
             end = offset + length if not mode & FALLOC_FL_KEEP_SIZE else min(offset + length, node.size)
             if offset < end:
