@@ -474,7 +474,7 @@ class Round:
     problems: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        tail = "\n    ".join(json.dumps(r) for r in self.records[-8:])
+        tail = "\n    ".join(json.dumps(r)[:300] for r in self.records[-8:])
         problems = "\n    ".join(self.problems[:12])
         ops = sum(1 for r in self.records if r["ev"] == "begin")
         return (
@@ -560,9 +560,11 @@ def power_cut_rounds(
     writeback: float = 0.5,
     steps: int = 40,
     full: bool = False,
+    master: int | None = None,
 ) -> list[Round]:
     """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
-    master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
+    if master is None:
+        master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
     rng = random.Random(master)
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -717,6 +719,11 @@ def test_harness_catches_a_store_that_breaks_a_durability_rule(
     assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
     if how.get("full"):
         assert nospace_calls(rounds), "the disk never filled up while a call ran"
+        # A control: the same rounds (cut between calls, so they repeat) on the store as it is.
+        master = rounds[0].master
+        (tmp_path / "control").mkdir()
+        control = power_cut_rounds(tmp_path / "control", "python", len(rounds), master=master, **how)
+        assert not control[-1].problems, "the store fails these rounds unbroken:\n" + control[-1].report()
     signs = ("matches neither", "beyond the pool", "fails its checksum")
     assert any(sign in p for p in problems for sign in signs), rounds[-1].report()
 
