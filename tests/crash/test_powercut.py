@@ -56,7 +56,7 @@ SELF_TEST_CUTS = 40
 MAX_STEPS = 300
 MODES = ("between", "fsync", "timer")
 FULL_MODES = (*MODES, "full-fsync")
-FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 12))
+FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 30))
 STRESS_FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 300))
 
 
