@@ -302,29 +302,26 @@ def test_sqlite_keeps_committed_transactions_and_drops_the_open_one(disk: Path, 
 
 
 def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) -> None:
-    from cowstore import _fs
-
     with mount(disk) as m:
         write_file(m.path / "f", b"x" * 10, sync_file=True, sync_dir=True)
         fd = os.open(m.path / "f", os.O_RDWR)
         try:
-            m.space(100)
-            assert os.statvfs(m.path).f_bavail * os.statvfs(m.path).f_frsize <= 100
-            assert os.pwrite(fd, b"y" * 200, 0) == 110, "a write that fits in part is short"
+            m.space(4096)
+            assert os.statvfs(m.path).f_bavail * os.statvfs(m.path).f_frsize <= 4096
+            assert os.pwrite(fd, b"y" * 8000, 0) == 4096, "a write that fits in part is short, at a block"
+            assert m.state()["free"] == 10
             for call in (
-                lambda: os.pwrite(fd, b"z", 110),
-                lambda: os.pwrite(fd, b"z", 4096),
-                lambda: os.posix_fallocate(fd, 0, 4096),
+                lambda: os.pwrite(fd, b"z" * 20, 4096),
+                lambda: os.posix_fallocate(fd, 0, 8192),
             ):
                 with pytest.raises(OSError) as info:
                     call()
                 assert info.value.errno == errno.ENOSPC
-            assert not _fs.preallocate(fd, 110, 4096)
             assert os.statvfs(m.path).f_bavail == 0
             assert os.pwrite(fd, b"inside", 0) == 6, "a write inside the file takes no space"
-            os.ftruncate(fd, 4096)
+            os.ftruncate(fd, 8192)
             with pytest.raises(OSError) as info:
-                os.pwrite(fd, b"z", 4000)
+                os.pwrite(fd, b"z", 8000)
             assert info.value.errno == errno.ENOSPC, "the hole an extending truncate leaves takes no space"
             os.ftruncate(fd, 50)
             assert os.pwrite(fd, b"w" * 60, 50) == 60, "a truncate gives back what it cuts off"

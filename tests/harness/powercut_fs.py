@@ -27,8 +27,9 @@ Durability model (the strictest POSIX allows; real ext4 with data=ordered keeps 
   count as taken, a hole an extending truncate leaves past it does not). So a write or
   fallocate past that end takes space, and writing before it takes none, except with
   ``cow`` (as on a copy-on-write file system such as btrfs, where every byte written
-  takes new space). A write that fits in part is short, as on ext4 (the caller's next
-  write then fails with ENOSPC); fallocate fits whole or fails. A truncate gives back
+  takes new space). A write that fits in part is short, ending at a block (4 KiB)
+  boundary as on ext4 (the caller's next write then fails with ENOSPC); fallocate
+  fits whole or fails. A truncate gives back
   what it cuts off, reservations included (as ext4 does); an unlinked file keeps its
   space while the limit lasts. statfs reports the bytes left. Space is checked when a
   call is made, never at fsync.
@@ -81,6 +82,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 RENAME_NOREPLACE = 1
+BLOCK = 4096
+"""The block a short write ends on when the space runs out (space itself is counted in bytes)."""
 READY_TIMEOUT = 20.0
 CALL_TIMEOUT = 30.0
 
@@ -460,15 +463,13 @@ class PowerCutFS:
             return length
         if self.cow:
             fit = min(length, self.free)
-            need = fit
         else:
-            end = node.end
-            need = max(0, offset + length - end)
-            fit = length if need <= self.free else max(0, end + self.free - offset)
-            need = min(need, self.free)
+            fit = length if offset + length - node.end <= self.free else node.end + self.free - offset
+        if fit < length:
+            fit = (offset + fit) // BLOCK * BLOCK - offset
         if fit <= 0:
             raise _error(errno.ENOSPC)
-        self.free -= need
+        self.free -= fit if self.cow else max(0, offset + fit - node.end)
         node.end = max(node.end, offset + fit)
         return fit
 
