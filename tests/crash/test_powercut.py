@@ -12,9 +12,15 @@ the power: between operations, at the n-th fsync from now (before or after it re
 disk), or from a timer thread in the middle of whatever runs. Half the cuts lose every
 unsynced write; the other half first write back a random prefix of each file's unsynced
 writes, as a disk may. Half the mounts bypass the page cache (direct_io). The store
-object is then abandoned, never closed. The verdict is test_sigkill.py's: everything up to the last durable
-step exactly; later writes per chunk as some prefix of them in order; a call cut short
-may or may not have happened. The last round's disk is also opened without FUSE.
+object is then abandoned, never closed. The verdict is test_sigkill.py's: everything up to
+the last durable step exactly; later writes per chunk as some prefix of them in order; a
+call cut short may or may not have happened. The last round's disk is also opened without
+FUSE.
+
+In the full-disk scenarios the file system also runs out of space at random moments for a
+while (see `Filler`), so writes, flushes and snapshotter calls meet ENOSPC and fail with
+`NoSpace` (logged as ``failed``); space comes back and the workload goes on; one more cut
+mode strikes at one of the first fsyncs on a full disk.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ from typing import Any
 import pytest
 
 import cowstore
+from cowstore.errors import NoSpace, Unavailable
 from tests.crash.test_sigkill import Model, differences, observe, replay
 from tests.harness import crashload
 from tests.harness.crashload import CHUNK, SIZE, EarlyRelease, Workload
@@ -47,6 +55,9 @@ STRESS_CUTS = int(os.environ.get("COWSTORE_POWERCUTS", 400))
 SELF_TEST_CUTS = 40
 MAX_STEPS = 300
 MODES = ("between", "fsync", "timer")
+FULL_MODES = (*MODES, "full-fsync")
+FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 30))
+STRESS_FULL_CUTS = int(os.environ.get("COWSTORE_FULL_POWERCUTS", 300))
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +301,86 @@ def test_sqlite_keeps_committed_transactions_and_drops_the_open_one(disk: Path, 
         db.close()
 
 
+def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) -> None:
+    with mount(disk) as m:
+        write_file(m.path / "f", b"x" * 10, sync_file=True, sync_dir=True)
+        fd = os.open(m.path / "f", os.O_RDWR)
+        try:
+            m.space(4096)
+            assert os.statvfs(m.path).f_bavail * os.statvfs(m.path).f_frsize <= 4096
+            assert os.pwrite(fd, b"y" * 8000, 0) == 4096, "a write that fits in part is short, at a block"
+            assert m.state()["free"] == 10
+            for call in (
+                lambda: os.pwrite(fd, b"z" * 20, 4096),
+                lambda: os.posix_fallocate(fd, 0, 8192),
+            ):
+                with pytest.raises(OSError) as info:
+                    call()
+                assert info.value.errno == errno.ENOSPC
+            assert os.statvfs(m.path).f_bavail == 0
+            assert os.pwrite(fd, b"inside", 0) == 6, "a write inside the file takes no space"
+            os.ftruncate(fd, 8192)
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"z", 8000)
+            assert info.value.errno == errno.ENOSPC, "the hole an extending truncate leaves takes no space"
+            os.ftruncate(fd, 50)
+            assert os.pwrite(fd, b"w" * 60, 50) == 60, "a truncate gives back what it cuts off"
+            m.space(0, cow=True)
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, b"cow", 0)
+            assert info.value.errno == errno.ENOSPC, "with cow, an overwrite takes space too"
+            m.space(None)
+            assert os.pwrite(fd, b"more", 110) == 4
+            assert os.pread(fd, 200, 0) == b"inside" + b"y" * 44 + b"w" * 60 + b"more"
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    assert (disk / "f").read_bytes() == b"inside" + b"y" * 44 + b"w" * 60 + b"more"
+
+
+def test_blocks_reserved_past_the_end_take_space_and_a_truncate_gives_them_back(disk: Path) -> None:
+    from cowstore import _fs
+
+    with mount(disk) as m:
+        fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            m.space(8192)
+            assert _fs.preallocate(fd, 0, 8192)
+            assert os.fstat(fd).st_size == 0 and m.state()["free"] == 0
+            assert os.pwrite(fd, b"r" * 8192, 0) == 8192, "a write into reserved blocks takes no space"
+            assert not _fs.preallocate(fd, 8192, 1)
+            assert _fs.preallocate(fd, 0, 8192), "reserving what the file already takes needs nothing"
+            os.ftruncate(fd, 4096)
+            assert m.state()["free"] == 4096
+        finally:
+            os.close(fd)
+
+
+def test_sqlite_gets_sqlite_full_on_a_full_file_system_and_loses_nothing_committed(disk: Path) -> None:
+    with mount(disk) as m:
+        db = sqlite3.connect(m.path / "db", isolation_level=None)
+        try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE t (x)")
+            db.execute("INSERT INTO t VALUES (1)")
+            m.space(0, cow=True)
+            with pytest.raises(sqlite3.OperationalError, match="full"):
+                db.execute("INSERT INTO t VALUES (?)", (b"z" * 100000,))
+            m.space(None)
+            db.execute("INSERT INTO t VALUES (2)")
+        finally:
+            db.close()
+        m.cut()
+    db = sqlite3.connect(disk / "db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert [x for (x,) in db.execute("SELECT x FROM t ORDER BY rowid")] == [1, 2]
+    finally:
+        db.close()
+
+
 # -- cowstore under power cuts -----------------------------------------------------------
 
 
@@ -327,6 +418,40 @@ class LateDataFsync(SkipDataFsync):
         self._engine.release(slots)
 
 
+class Filler:
+    """Takes the file system's space away at random moments between calls, and gives it back.
+
+    While full, from 0 to 3 chunks are left (so a write may land in part), and half the
+    time overwrites take space too (``cow``, so writes in place and SQLite's reused WAL
+    fail as well). A fill lasts 1 to 20 calls; in mode ``full-fsync`` the first one lasts
+    to the end, and the power is cut at one of the first three fsyncs after it begins.
+    Each change is logged (``space`` records, which `replay` ignores) for the report.
+    """
+
+    def __init__(self, m: PowerCutMount, rng: random.Random, r: Round, log: MemoryLog) -> None:
+        self.m, self.rng, self.r, self.log = m, rng, r, log
+        self.until: int | None = None
+
+    def tick(self, n: int) -> None:
+        rng = self.rng
+        if self.until is not None:
+            if n >= self.until:
+                self.m.space(None)
+                self.log.record("space", n=n, free=None)
+                self.until = None
+            return
+        if rng.random() >= 0.1:
+            return
+        free, cow = rng.choice([0, rng.randrange(3 * CHUNK)]), rng.random() < 0.5
+        self.m.space(free, cow=cow)
+        self.log.record("space", n=n, free=free, cow=cow)
+        self.r.fills += 1
+        self.until = n + rng.randint(1, 20)
+        if self.r.mode == "full-fsync" and self.r.fills == 1:
+            self.until = MAX_STEPS
+            self.m.arm(rng.randint(1, 3), before=rng.random() < 0.5, writeback=self.r.writeback)
+
+
 @dataclass
 class Round:
     """One power-on period: what ran, how the power went, and what the next boot found wrong."""
@@ -338,18 +463,21 @@ class Round:
     direct_io: bool
     writeback: int | None
     close: bool
+    full: bool = False
+    fills: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     why: str = ""
     interrupted: str | None = None
     problems: list[str] = field(default_factory=list)
 
     def report(self) -> str:
-        tail = "\n    ".join(json.dumps(r) for r in self.records[-8:])
+        tail = "\n    ".join(json.dumps(r)[:300] for r in self.records[-8:])
         problems = "\n    ".join(self.problems[:12])
         ops = sum(1 for r in self.records if r["ev"] == "begin")
         return (
             f"COWSTORE_POWERCUT_SEED={self.master}, round {self.number} (seed {self.seed}, "
             f"cut {self.mode}, {self.why}; direct_io={self.direct_io}; closed first: {self.close}; "
+            f"disk full {self.fills} times; "
             f"interrupted {self.interrupted}), {ops} operations:\n"
             f"  problems:\n    {problems}\n  last records:\n    {tail}"
         )
@@ -385,6 +513,7 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
     log = MemoryLog()
     r.records = log.records
     workload = Workload(store, log, r.seed)
+    filler = Filler(m, rng, r, log) if r.full else None
     steps = rng.randint(0, steps) if r.mode == "between" or r.close else MAX_STEPS
     timer = None
     if r.mode == "fsync":
@@ -394,14 +523,23 @@ def run_until_cut(m: PowerCutMount, store: cowstore.Store, r: Round, rng: random
         timer.start()
     try:
         for n in range(steps):
+            if filler is not None:
+                filler.tick(n)
             workload.step(n)
         if r.close:
             log.record("begin", n=steps, op="flush", via=None)
-            store.close()
-            log.record("done", n=steps)
-            log.record("durable", n=steps)
+            try:
+                store.close()
+            except NoSpace as exc:
+                log.record("failed", n=steps, error=str(exc))
+            else:
+                log.record("done", n=steps)
+                log.record("durable", n=steps)
     except Exception as exc:
-        if not m.dead:
+        # A store that failed (a data fsync that reported ENOSPC, as FUSE writeback does when
+        # the file system fills) refuses everything until reopened: like a crash, the round
+        # ends there, and the same verdict applies.
+        if not m.dead and not isinstance(exc, Unavailable):
             raise
         begun = [rec for rec in log.records if rec["ev"] == "begin"]
         r.interrupted = f"{begun[-1]['op']} ({type(exc).__name__})" if begun else type(exc).__name__
@@ -417,13 +555,16 @@ def power_cut_rounds(
     engine: str,
     cuts: int,
     *,
-    sabotage: type | None = None,
+    sabotage: type | Callable[[cowstore.Store], None] | None = None,
     modes: tuple[str, ...] = MODES,
     writeback: float = 0.5,
     steps: int = 40,
+    full: bool = False,
+    master: int | None = None,
 ) -> list[Round]:
     """`cuts` rounds of boot, check, work and cut; stops at the first round whose boot finds a problem."""
-    master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
+    if master is None:
+        master = int(os.environ.get("COWSTORE_POWERCUT_SEED", random.randrange(1 << 32)))
     rng = random.Random(master)
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -439,6 +580,7 @@ def power_cut_rounds(
             direct_io=rng.random() < 0.5,
             writeback=writeback_seed,
             close=rng.random() < 0.25,
+            full=full,
         )
         with mount(disk, direct_io=r.direct_io) as m:
             try:
@@ -455,8 +597,10 @@ def power_cut_rounds(
                     _, rounds[-1].problems = verify(store, candidates)
                     if rounds[-1].problems:
                         return rounds
-                if sabotage is not None:
+                if isinstance(sabotage, type):
                     crashload.sabotage(store, sabotage)
+                elif sabotage is not None:
+                    sabotage(store)
                 start, _ = observe(store)
                 run_until_cut(m, store, r, rng, steps)
             finally:
@@ -474,9 +618,9 @@ def power_cut_rounds(
     return rounds
 
 
-def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
+def check_survives(tmp_path: Path, engine: str, cuts: int, **how: Any) -> list[Round]:
     began = time.monotonic()
-    rounds = power_cut_rounds(tmp_path, engine, cuts)
+    rounds = power_cut_rounds(tmp_path, engine, cuts, **how)
     failed = [r for r in rounds if r.problems]
     assert not failed, failed[0].report()
     ops = sum(1 for r in rounds for rec in r.records if rec["ev"] == "begin")
@@ -487,6 +631,24 @@ def check_survives(tmp_path: Path, engine: str, cuts: int) -> None:
         f"\n{engine}: {len(rounds)} power cuts ({dict(modes)}), {ops} operations, "
         f"{closes} closed first, calls cut short: {dict(cut_short)}, {time.monotonic() - began:.1f} s"
     )
+    return rounds
+
+
+def nospace_calls(rounds: list[Round]) -> Counter[str]:
+    """The calls that failed with `NoSpace`, by operation."""
+    calls: Counter[str] = Counter()
+    for r in rounds:
+        begun = {rec["n"]: rec["op"] for rec in r.records if rec["ev"] == "begin"}
+        calls.update(begun[rec["n"]] for rec in r.records if rec["ev"] == "failed")
+    return calls
+
+
+def check_survives_a_full_disk(tmp_path: Path, engine: str, cuts: int) -> None:
+    rounds = check_survives(tmp_path, engine, cuts, full=True, modes=FULL_MODES, steps=80)
+    calls = nospace_calls(rounds)
+    fills = sum(r.fills for r in rounds)
+    print(f"{engine}: the disk filled {fills} times; calls that failed with NoSpace: {dict(calls)}")
+    assert calls, f"in {len(rounds)} rounds the disk filled {fills} times, but no call met it"
 
 
 def test_flushed_writes_and_snapshotter_calls_survive_power_cuts(
@@ -503,19 +665,51 @@ def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts(
     check_survives(tmp_path, engine, STRESS_CUTS)
 
 
+def test_flushed_writes_and_snapshotter_calls_survive_power_cuts_on_a_disk_that_fills_up(
+    engine: str, fuse_works: None, tmp_path: Path
+) -> None:
+    """Full-disk rounds: every call that met ENOSPC failed with `NoSpace` and changed nothing
+    durable (a data call: as read back), nothing acknowledged is lost, check(data=True) is clean."""
+    check_survives_a_full_disk(tmp_path, engine, FULL_CUTS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not STRESS, reason="hundreds of power cuts: run by `make stress` (COWSTORE_STRESS=1)")
+def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts_on_a_disk_that_fills_up(
+    engine: str, fuse_works: None, tmp_path: Path
+) -> None:
+    check_survives_a_full_disk(tmp_path, engine, STRESS_FULL_CUTS)
+
+
+def forget_unsaved(store: cowstore.Store) -> None:
+    """Breaks the store's full-disk rule: what a failed durable step held back counts as saved (dropped)."""
+    persist = store._persist
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        try:
+            persist(*args, **kwargs)
+        except NoSpace:
+            store._unsaved = None
+            raise
+
+    store._persist = broken  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize(
     ("sabotage", "how"),
     [
         (SkipDataFsync, {"modes": ("between",)}),
         (LateDataFsync, {"modes": ("fsync",)}),
         (EarlyRelease, {"modes": ("between",), "writeback": 1.0, "steps": MAX_STEPS}),
+        (forget_unsaved, {"modes": ("between",), "full": True, "steps": 80}),
     ],
-    ids=["data-fsync-missing", "data-fsync-after-metadata", "freed-slot-reused-early"],
+    ids=["data-fsync-missing", "data-fsync-after-metadata", "freed-slot-reused-early", "unsaved-dropped"],
 )
 def test_harness_catches_a_store_that_breaks_a_durability_rule(
-    fuse_works: None, tmp_path: Path, sabotage: type, how: dict[str, Any]
+    fuse_works: None, tmp_path: Path, sabotage: Any, how: dict[str, Any]
 ) -> None:
-    """The harness's own test: each broken rule must be caught (early slot reuse only with writeback).
+    """The harness's own test: each broken rule must be caught (early slot reuse only with writeback;
+    changes a failed flush held back and then dropped only on a disk that fills up).
 
     Each of these bugs leaves durable metadata naming data that is not on the disk, which
     the next boot finds as bytes matching no allowed state, a slot past the data file's
@@ -523,6 +717,13 @@ def test_harness_catches_a_store_that_breaks_a_durability_rule(
     rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, **how)
     problems = rounds[-1].problems
     assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
+    if how.get("full"):
+        assert nospace_calls(rounds), "the disk never filled up while a call ran"
+        # A control: the same rounds (cut between calls, so they repeat) on the store as it is.
+        master = rounds[0].master
+        (tmp_path / "control").mkdir()
+        control = power_cut_rounds(tmp_path / "control", "python", len(rounds), master=master, **how)
+        assert not control[-1].problems, "the store fails these rounds unbroken:\n" + control[-1].report()
     signs = ("matches neither", "beyond the pool", "fails its checksum")
     assert any(sign in p for p in problems for sign in signs), rounds[-1].report()
 

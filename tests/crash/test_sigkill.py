@@ -8,7 +8,9 @@ the log against a model of what must be there:
   parent, labels and size, and the bytes of committed snapshots and views;
 - for an active snapshot, per chunk: its bytes at the last flush (or its creation) with
   some prefix of the later writes to that chunk applied, in order;
-- a snapshotter call cut short (its "done" missing) may or may not have happened.
+- a snapshotter call cut short (its "done" missing) may or may not have happened;
+- a call that failed with `NoSpace` (its "failed" record) did nothing, except that a data
+  call leaves its range as the record says it read back, pending like any write.
 
 The store as reopened then becomes the next round's exact starting state, so the model
 never drifts however many rounds run.
@@ -158,7 +160,8 @@ def replay(start: Model, records: list[dict[str, Any]]) -> list[Model]:
     """The models the store may show after the kill: one, or two if a snapshotter call was cut short.
 
     A write cut short joins the pending writes (per chunk it landed or not); a flush cut short
-    changes nothing the pending writes do not already allow.
+    changes nothing the pending writes do not already allow. A failed data call joins them
+    as the bytes it left in its range; any other failed call changes nothing.
     """
     model = _copy(start)
     begun: dict[str, Any] | None = None
@@ -171,6 +174,11 @@ def replay(start: Model, records: list[dict[str, Any]]) -> list[Model]:
             assert begun is not None and begun["n"] == r["n"], f"done {r['n']} does not match {begun}"
             apply(model, begun["op"], _params(begun))
             last_done, begun = r["n"], None
+        elif r["ev"] == "failed":
+            assert begun is not None and begun["n"] == r["n"], f"failed {r['n']} does not match {begun}"
+            if begun["op"] in DATA_OPS:
+                model[begun["key"]].pending.append((begun["offset"], bytes.fromhex(r["now"])))
+            begun = None
         elif r["ev"] == "durable":
             assert r["n"] == last_done and begun is None, f"durable {r['n']} is not right after its done"
     if begun is None or begun["op"] == "flush":

@@ -10,6 +10,10 @@ LOG is an append-only file of JSON lines, each written with one ``os.write``:
 - ``begin``: before an operation, with every parameter (a write's bytes are named by a
   seed that `payload` turns back into the same bytes);
 - ``done``: after the operation returned;
+- ``failed``: instead of ``done``, when the operation raised `cowstore.errors.NoSpace` (a
+  full file system). A flush or snapshotter call that fails changed nothing. A data
+  operation may have landed on some chunks and not others, so the record holds what the
+  volume reads over the operation's range now (``now``, hex);
 - ``durable``: after a flush or snapshotter call returned; the log is fsync'd before the
   workload goes on, so a durable point in the log was reached.
 
@@ -31,6 +35,7 @@ from typing import Any
 
 import cowstore
 from cowstore.engines.format import Changes
+from cowstore.errors import NoSpace
 from tests.data import pattern
 
 CHUNK = 4096
@@ -251,13 +256,24 @@ class Workload:
         op = self.choose()
         p = self.params(op)
         self.log.record("begin", n=n, op=op, **p)
-        self.run(op, p)
+        try:
+            self.run(op, p)
+        except NoSpace as exc:
+            self.failed(n, op, p, exc)
+            return
         self.log.record("done", n=n)
         if op in DURABLE_OPS:
             self.log.record("durable", n=n)
             self.log.sync()
         elif isinstance(self.store._engine, EarlyRelease):
             self.store._engine.release_now()
+
+    def failed(self, n: int, op: str, p: dict[str, Any], exc: NoSpace) -> None:
+        """Log a call that found the file system full; a data call with what its range holds now."""
+        fields: dict[str, Any] = {"error": str(exc)}
+        if op in DATA_OPS:
+            fields["now"] = self.volumes[p["key"]].pread(p["length"], p["offset"]).hex()
+        self.log.record("failed", n=n, **fields)
 
 
 def sabotage(store: cowstore.Store, wrapper: Callable[[Any], Any]) -> None:

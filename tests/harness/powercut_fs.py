@@ -20,6 +20,19 @@ Durability model (the strictest POSIX allows; real ext4 with data=ordered keeps 
   empty after a cut.
 - A rename between two directories changes each one, and each change becomes durable at
   that directory's own fsync: a cut may leave both names, or neither.
+- Space (the ``space`` request): unlimited until a test sets how many bytes are left
+  (``free``); from then on a call that needs more fails with ENOSPC, and ``free``
+  None gives the space back. A file takes the bytes up to the end of what was written
+  or fallocated into it (reservations past its size included; holes before that end
+  count as taken, a hole an extending truncate leaves past it does not). So a write or
+  fallocate past that end takes space, and writing before it takes none, except with
+  ``cow`` (as on a copy-on-write file system such as btrfs, where every byte written
+  takes new space). A write that fits in part is short, ending at a block (4 KiB)
+  boundary as on ext4 (the caller's next write then fails with ENOSPC); fallocate
+  fits whole or fails. A truncate gives back
+  what it cuts off, reservations included (as ext4 does); an unlinked file keeps its
+  space while the limit lasts. statfs reports the bytes left. Space is checked when a
+  call is made, never at fsync.
 - Not modeled (kept at once, never lost): modes, owners and times. Locks (flock and
   POSIX) are the kernel's own, local to the mount. Symlinks and xattrs are not supported.
 
@@ -38,7 +51,9 @@ JSON request a line on its standard input and answers one JSON line on its stand
 output: ``cut`` (power cut now), ``arm`` (cut at the n-th sync from now, before or after
 that sync reaches the disk), both with an optional writeback seed, ``state``, ``sync``
 (make everything durable, like sync(2)) and ``exit`` (power off, unmount and stop; so
-does the end of its input, should the test process die).
+does the end of its input, should the test process die). ``space`` (with ``free``, bytes or
+null, and ``cow``) sets how much space is left (see the model above); every answer
+includes ``free``.
 """
 
 from __future__ import annotations
@@ -67,6 +82,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 RENAME_NOREPLACE = 1
+BLOCK = 4096
+"""The block a short write ends on when the space runs out (space itself is counted in bytes)."""
 READY_TIMEOUT = 20.0
 CALL_TIMEOUT = 30.0
 
@@ -182,6 +199,8 @@ class File(Node):
         self.durable_size = self.keep = self.size = st.st_size
         self.pending = Extents()
         self.log: list[Run | int] = []
+        self.end = self.size
+        """The end of what was written or fallocated: the bytes this file takes (the space limit)."""
 
     def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
@@ -307,6 +326,8 @@ class PowerCutFS:
         self._nodes: dict[int, Node] = {}
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
+        self.free: int | None = None
+        self.cow = False
         self.ready = threading.Event()
         self.root = self._load()
 
@@ -426,7 +447,47 @@ class PowerCutFS:
 
     def state(self) -> dict[str, Any]:
         with self.mutex:
-            return {"dead": self.dead, "why": self.why, "syncs": self.syncs}
+            return {"dead": self.dead, "why": self.why, "syncs": self.syncs, "free": self.free}
+
+    def set_space(self, free: int | None, cow: bool = False) -> None:
+        """Leave `free` bytes for files to grow into (None: unlimited); `cow`: overwrites take space too."""
+        with self.mutex:
+            if free is not None and (not isinstance(free, int) or free < 0):
+                raise ValueError(f"free must be a byte count or None, not {free!r}")
+            self.free, self.cow = free, bool(cow)
+
+    def _fit(self, node: File, offset: int, length: int) -> int:
+        """How much of a write of `length` bytes at `offset` fits (takes that space); ENOSPC if none."""
+        if self.free is None or length == 0:
+            node.end = max(node.end, offset + length)
+            return length
+        if self.cow:
+            fit = min(length, self.free)
+        else:
+            fit = length if offset + length - node.end <= self.free else node.end + self.free - offset
+        if fit < length:
+            fit = (offset + fit) // BLOCK * BLOCK - offset
+        if fit <= 0:
+            raise _error(errno.ENOSPC)
+        self.free -= fit if self.cow else max(0, offset + fit - node.end)
+        node.end = max(node.end, offset + fit)
+        return fit
+
+    def _grow(self, node: File, end: int) -> None:
+        """Take the space for a fallocate to `end`, or fail whole."""
+        need = max(0, end - node.end)
+        if self.free is not None:
+            if need > self.free:
+                raise _error(errno.ENOSPC)
+            self.free -= need
+        node.end = max(node.end, end)
+
+    def _shrink(self, node: File, size: int) -> None:
+        """A truncate to `size` gives back what it cuts off, reservation included; growing takes nothing."""
+        if size < node.end:
+            if self.free is not None:
+                self.free += node.end - size
+            node.end = size
 
     def remove_store(self) -> None:
         """Drop the inode store: the backing directory alone is the disk now."""
@@ -539,7 +600,10 @@ class PowerCutFS:
             "f_favail",
             "f_namemax",
         )
-        return {name: getattr(sv, name) for name in names}
+        attrs = {name: getattr(sv, name) for name in names}
+        if self.free is not None:
+            attrs["f_bfree"] = attrs["f_bavail"] = self.free // sv.f_frsize
+        return attrs
 
     @_op
     def chmod(self, path: str | None, mode: int) -> int:
@@ -647,6 +711,7 @@ class PowerCutFS:
         elif isinstance(node, Dir):
             raise _error(errno.EISDIR)
         elif flags & os.O_TRUNC:
+            self._shrink(node, 0)  # type: ignore[arg-type]
             node.truncate(0)  # type: ignore[attr-defined]
         return self._handle(node)
 
@@ -656,6 +721,7 @@ class PowerCutFS:
         if isinstance(node, Dir):
             raise _error(errno.EISDIR)
         if flags & os.O_TRUNC:
+            self._shrink(node, 0)  # type: ignore[arg-type]
             node.truncate(0)  # type: ignore[attr-defined]
         return self._handle(node)
 
@@ -680,14 +746,17 @@ class PowerCutFS:
 
     @_op
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        self._file(fh).write(offset, data, len(data))
-        return len(data)
+        node = self._file(fh)
+        n = self._fit(node, offset, len(data))
+        node.write(offset, data[:n], n)
+        return n
 
     @_op
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         node = self._node(path, fh)
         if not isinstance(node, File):
             raise _error(errno.EISDIR)
+        self._shrink(node, length)
         node.truncate(length)
         return 0
 
@@ -703,6 +772,7 @@ class PowerCutFS:
             return 0
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE):
             raise _error(errno.EOPNOTSUPP)
+        self._grow(node, offset + length)
         if mode & FALLOC_FL_ZERO_RANGE:
             end = offset + length if not mode & FALLOC_FL_KEEP_SIZE else min(offset + length, node.size)
             if offset < end:
@@ -780,6 +850,8 @@ def _handle(fs: PowerCutFS, request: dict[str, Any]) -> None:
         fs.arm(int(request["n"]), bool(request["before"]), request.get("writeback"))
     elif op == "sync":
         fs.sync_all()
+    elif op == "space":
+        fs.set_space(request.get("free"), bool(request.get("cow", False)))
     elif op != "state":
         raise ValueError(f"unknown request {op!r}")
 
@@ -949,7 +1021,7 @@ class PowerCutMount:
         self._call("arm", n=n, before=before, writeback=writeback)
 
     def state(self) -> dict[str, Any]:
-        """``dead`` (the power is off), ``why`` and ``syncs`` (fsyncs so far)."""
+        """``dead`` (the power is off), ``why``, ``syncs`` (fsyncs so far), ``free`` (bytes left or None)."""
         return self._call("state")
 
     @property
@@ -959,6 +1031,12 @@ class PowerCutMount:
     def sync(self) -> None:
         """Make everything durable, as sync(2) would."""
         self._call("sync")
+
+    def space(self, free: int | None, *, cow: bool = False) -> None:
+        """Leave `free` bytes for files to grow into (ENOSPC beyond); None gives the space back.
+
+        With `cow`, overwriting takes space as well (a copy-on-write file system)."""
+        self._call("space", free=free, cow=cow)
 
     def close(self) -> None:
         """Power off (unsynced changes are lost), unmount and stop the process; idempotent."""
