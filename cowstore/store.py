@@ -227,18 +227,15 @@ class Store:
         self._snapshots: dict[str, _Snapshot] = {}
         self._children: dict[int, int] = {}
         self._next_id = 1
+        self.max_bytes: int | None = None
+        self._set_max_bytes(settings.get("max_bytes") or None)
         if readonly:
             self._salvage()
         else:
             self._load()
-        self.max_bytes: int | None = None
-        self._set_max_bytes(settings.get("max_bytes") or None)
-        for key in (
-            []
-            if readonly
-            else [k for k, s in self._snapshots.items() if k.startswith(IMPORTING) and s.kind is Kind.ACTIVE]
-        ):
-            self.remove(key)
+            for key in [k for k, s in self._snapshots.items() if k.startswith(IMPORTING)]:
+                if self._snapshots[key].kind is Kind.ACTIVE:
+                    self.remove(key)
 
     def __repr__(self) -> str:
         return f"<cowstore.Store {self._where} chunk_size={self.chunk_size} engine={self.engine}>"
