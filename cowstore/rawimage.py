@@ -3,6 +3,7 @@
 Import reads a file chunk by chunk and writes only what a snapshot needs (holes and zero
 chunks cost nothing); export writes only allocated, non-zero chunks and truncates the file
 to its size, so both sides stay sparse. Memory use is a few chunks, whatever the image size.
+Both are all or nothing: a snapshot or a file appears under its name only once complete.
 """
 
 from __future__ import annotations
