@@ -340,7 +340,7 @@ def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) ->
 
 
 def test_blocks_reserved_past_the_end_take_space_and_a_truncate_gives_them_back(disk: Path) -> None:
-    from cowstore import _fs
+    from cowstore import fallocate as _fs
 
     with mount(disk) as m:
         fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
@@ -766,9 +766,9 @@ def forget_unsaved(store: cowstore.Store) -> None:
     """Breaks the store's full-disk rule: what a failed durable step held back counts as saved (dropped)."""
     persist = store._persist
 
-    def broken(*args: Any, **kwargs: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         try:
-            persist(*args, **kwargs)
+            return persist(*args, **kwargs)
         except NoSpace:
             store._unsaved = None
             raise
