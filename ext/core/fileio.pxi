@@ -92,8 +92,33 @@ cdef int data_read(State *st, unsigned char *buf, uint64_t n, uint64_t off, Err 
     return fd_pread_full(st.fd, buf, n, off, err)
 
 
+cdef void view_forget(State *st, uint64_t off, uint64_t n) noexcept nogil:
+    """Drop the mapping's pages over bytes a pwrite failed to write, so that the next read
+    faults them in again from the file.
+
+    A write the file system refuses may still have reached the page cache: FUSE copies a
+    write into the cached pages before its server answers, and when the answer is an error
+    (ENOSPC) it only marks the pages not up to date. A read through pages the mapping
+    still maps would then show bytes the file never held, until the kernel happens to read
+    the pages again and they change back without any write. pread reads such pages again
+    at once; the mapping does so only at a fault. Only for pages no copy into the mapping
+    dirtied (see data_overwrite): a fault reads a page that is not up to date again over
+    whatever it holds."""
+    cdef uint64_t page = <uint64_t>sysconf(_SC_PAGESIZE), lo, hi
+    if st.view == NULL or n == 0 or off >= st.view_len:
+        return
+    lo = off & ~(page - 1)
+    hi = (off + n + page - 1) & ~(page - 1)
+    if hi > st.view_len:
+        hi = st.view_len
+    madvise(<void *>(st.view + lo), hi - lo, MADV_DONTNEED)
+
+
 cdef int data_write(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
+    """pwrite into pages no copy into the mapping dirtied; after a failure, reads see the
+    file's bytes (view_forget)."""
     if fd_pwrite_full(st.fd, buf, n, off, err) < 0:
+        view_forget(st, off, n)
         return -1
     view_grow(st, off + n)
     return 0
@@ -106,19 +131,32 @@ cdef inline bint copies_in(State *st, uint32_t slot, uint64_t n, uint64_t off) n
 
 cdef int data_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint64_t n, uint64_t off,
                         Err *err) noexcept nogil:
-    """Overwrite bytes the file already holds (so no fault can mean a full disk) in `slot`.
+    """Write bytes of `slot`, a slot a map already names.
 
-    A fresh slot is written by a copy into the mapping: a process killed in the middle of
-    the copy leaves it torn anywhere, but in a slot that no durable map names. Any other
-    slot is written by pwrite, which a kill leaves applied by whole pages. A copy that
-    faults (a failing disk) is EIO, as pwrite would report it."""
-    if copies_in(st, slot, n, off):
-        if cs_guarded_copy(st.view + off, buf, n) == 0:
-            return 0
-        err.kind = E_OS
-        err.errnum = EIO
-        return -1
-    return data_write(st, buf, n, off, err)
+    A fresh slot is written by a copy into the mapping as far as the file already holds
+    its bytes (so no fault can mean a full disk): a process killed in the middle of the
+    copy leaves it torn anywhere, but in a slot that no durable map names. Any other slot
+    is written by pwrite, which a kill leaves applied by whole pages. A copy that faults
+    (a failing disk) is EIO, as pwrite would report it."""
+    cdef uint64_t inside = 0
+    if not (st.view_writable and slot_is_fresh(st, slot)):
+        return data_write(st, buf, n, off, err)
+    # The slot's pages may hold copies not written back yet, which a pwrite must not meet
+    # inside the file (a failed one leaves its pages not up to date, and the kernel reads
+    # such a page again over the copies): through the mapping as far as the file holds
+    # the bytes, past its end by pwrite, whose failure leaves the mapping alone (reads
+    # need no bytes past the end).
+    if off < st.file_size:
+        inside = st.file_size - off if off + n > st.file_size else n
+        if cs_guarded_copy(st.view + off, buf, inside) != 0:
+            err.kind = E_OS
+            err.errnum = EIO
+            return -1
+    if inside < n:
+        if fd_pwrite_full(st.fd, buf + inside, n - inside, off + inside, err) < 0:
+            return -1
+        view_grow(st, off + n)
+    return 0
 
 
 cdef void data_close(State *st) noexcept nogil:

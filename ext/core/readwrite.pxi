@@ -155,12 +155,12 @@ cdef int partial_fill(State *st, Map *m, uint64_t chunk, uint32_t slot, uint32_t
             k += 1
         rc = parent_read(st, m, chunk, first * sub, (k - first) * sub, st.scratch, err, &tmp)
         if rc == 0:
-            rc = data_write(st, st.scratch, (k - first) * sub, base + first * sub, err)
+            rc = data_overwrite(st, slot, st.scratch, (k - first) * sub, base + first * sub, err)
     free(tmp)
     return rc
 
 
-cdef int partial_fill_edge(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, uint64_t base,
+cdef int partial_fill_edge(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, uint32_t slot,
                            Err *err) noexcept nogil:
     """Bring the parent's bytes into part of a sub-block a write covers only partly."""
     cdef unsigned char *tmp = NULL
@@ -171,7 +171,7 @@ cdef int partial_fill_edge(State *st, Map *m, uint64_t chunk, uint64_t within, u
         return -1
     rc = parent_read(st, m, chunk, within, n, edge, err, &tmp)
     if rc == 0:
-        rc = data_write(st, edge, n, base + within, err)
+        rc = data_overwrite(st, slot, edge, n, (<uint64_t>slot - 1) * st.cs + within, err)
     free(tmp)
     free(edge)
     return rc
@@ -227,12 +227,12 @@ cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uin
     hi = (within + n + sub - 1) / sub * sub
     bits = s[i]
     if within > lo and not (bits >> (lo / sub)) & 1:
-        if partial_fill_edge(st, m, chunk, lo, within - lo, base, err) < 0:
+        if partial_fill_edge(st, m, chunk, lo, within - lo, e & FMT_SLOT_MASK, err) < 0:
             return -1
     if within + n < hi and not (bits >> (hi / sub - 1)) & 1:
-        if partial_fill_edge(st, m, chunk, within + n, hi - within - n, base, err) < 0:
+        if partial_fill_edge(st, m, chunk, within + n, hi - within - n, e & FMT_SLOT_MASK, err) < 0:
             return -1
-    if data_write(st, piece, n, base + within, err) < 0:
+    if data_overwrite(st, e & FMT_SLOT_MASK, piece, n, base + within, err) < 0:
         return -1
     bits |= sub_block_bits(st, lo, hi)
     if bits == FMT_FULL_BITS:

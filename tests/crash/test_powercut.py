@@ -45,6 +45,7 @@ import pytest
 import cowstore
 from cowstore.errors import NoSpace, Unavailable
 from tests.crash.test_sigkill import Model, differences, observe, replay
+from tests.data import pattern
 from tests.harness import crashload
 from tests.harness.crashload import CHUNK, SIZE, EarlyRelease, Workload
 from tests.harness.powercut_fs import PowerCutMount, mounted, unavailable
@@ -339,7 +340,7 @@ def test_a_full_file_system_refuses_growth_until_space_comes_back(disk: Path) ->
 
 
 def test_blocks_reserved_past_the_end_take_space_and_a_truncate_gives_them_back(disk: Path) -> None:
-    from cowstore import _fs
+    from cowstore import fallocate as _fs
 
     with mount(disk) as m:
         fd = os.open(m.path / "f", os.O_RDWR | os.O_CREAT, 0o644)
@@ -681,13 +682,93 @@ def test_flushed_writes_and_snapshotter_calls_survive_hundreds_of_power_cuts_on_
     check_survives_a_full_disk(tmp_path, engine, STRESS_FULL_CUTS)
 
 
+def test_a_write_the_full_disk_refuses_leaves_no_trace_in_reads(engine: str, disk: Path) -> None:
+    """An overwrite in place that fails with `NoSpace` changes nothing a read sees, then,
+    after a flush, or after a power cut.
+
+    FUSE copies a write into the page cache before its server answers, and when the answer
+    is ENOSPC it only marks the pages not up to date. The Cython engine reads through a
+    mapping of the data file, which kept showing the refused bytes until the kernel read
+    the pages again: a read right after the failed write returned bytes the file never
+    held, and later the old bytes came back without any write (the full-disk power-cut
+    rounds logged the first as the range's state and found the second after the cut)."""
+    old, new = pattern(CHUNK, 1), pattern(CHUNK, 2)
+    with mount(disk) as m:
+        store = cowstore.open(
+            m.path / "store", create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine
+        )
+        try:
+            vol = store.prepare("a")
+            vol.pwrite(old, CHUNK)
+            # Durable, so the slot is no longer fresh (its overwrites are pwrite), and no
+            # blocks reserved past the end for the retry after NoSpace to give back.
+            store.flush()
+            store.compact()
+            assert vol.pread(CHUNK, CHUNK) == old
+            m.space(0, cow=True)
+            with pytest.raises(NoSpace):
+                vol.pwrite(new[:300], CHUNK + 100)
+            assert vol.pread(CHUNK, CHUNK) == old, "a read shows bytes the file system refused"
+            m.space(None)
+            store.flush()
+            assert vol.pread(CHUNK, CHUNK) == old
+        finally:
+            abandon(store)
+        m.cut()
+    with cowstore.open(disk / "store", engine=engine) as store:
+        assert store.mounts("a").pread(CHUNK, CHUNK) == old
+
+
+def test_a_write_the_full_disk_refuses_keeps_the_earlier_writes_of_a_new_partial_chunk(
+    engine: str, disk: Path
+) -> None:
+    """A refused write into a new chunk loses none of its earlier, acknowledged writes.
+
+    The Cython engine copies overwrites of a fresh slot into its mapping; those copies sit
+    in the page cache until fsync. A refused pwrite into the same page (here: filling in
+    another sub-block of the partial chunk) leaves the page not up to date, and reading it
+    again (a pread, or a fault once the mapping dropped it) replaces the copies with the
+    file's older bytes. So a fresh slot's pages are written through the mapping as far as
+    the file holds them, never by pwrite; and only pages no copy dirtied are dropped from
+    the mapping after a failed pwrite (the test above)."""
+    base, first, second = pattern(CHUNK, 3), b"x" * 10, b"y" * 10
+    with mount(disk) as m:
+        store = cowstore.open(
+            m.path / "store", create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine
+        )
+        try:
+            store.prepare("b").pwrite(base, CHUNK)
+            store.commit("img", "b")
+            vol = store.prepare("c", "img")
+            vol.pwrite(first, CHUNK + 5)  # a partial chunk (one sub-block) in a new slot
+            vol.pwrite(base, 2 * CHUNK)  # the file grows past that slot
+            store.compact()
+            vol.pwrite(second, CHUNK + 5)  # an overwrite of a fresh slot (Cython: a copy)
+            m.space(0, cow=True)
+            with contextlib.suppress(NoSpace):
+                vol.pwrite(b"z" * 10, CHUNK + 3000)  # another sub-block of that chunk
+            m.space(None)
+            assert vol.pread(10, CHUNK + 5) == second
+            store.flush()
+            assert vol.pread(10, CHUNK + 5) == second
+            end = vol.pread(10, CHUNK + 3000)
+            assert end in (b"z" * 10, base[3000:3010])
+        finally:
+            abandon(store)
+        m.cut()
+    with cowstore.open(disk / "store", engine=engine) as store:
+        got = store.mounts("c").pread(CHUNK, CHUNK)
+        assert got[5:15] == second and got[3000:3010] == end
+        assert got[:5] + got[15:3000] + got[3010:] == base[:5] + base[15:3000] + base[3010:]
+
+
 def forget_unsaved(store: cowstore.Store) -> None:
     """Breaks the store's full-disk rule: what a failed durable step held back counts as saved (dropped)."""
     persist = store._persist
 
-    def broken(*args: Any, **kwargs: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         try:
-            persist(*args, **kwargs)
+            return persist(*args, **kwargs)
         except NoSpace:
             store._unsaved = None
             raise

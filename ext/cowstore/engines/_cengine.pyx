@@ -28,7 +28,8 @@ allocate stay pwrite, so a full disk is an error, not a fault. Overwrites in pla
 bytes the file holds copy into the mapping only in fresh slots, those allocated since the
 last take_changes: a process killed in the middle of a copy leaves it torn at any cache
 line, which is harmless in a slot no durable map names. Every other overwrite is pwrite,
-which a kill leaves applied by whole pages. A copy that faults (the file shrank under the
+which a kill leaves applied by whole pages; a pwrite that fails drops the mapping's pages
+over its range, since the page cache may hold the refused bytes (FUSE). A copy that faults (the file shrank under the
 store's lock, or the disk failed) raises Corruption on a read and EIO on a write; bytes
 past the end of the file inside its last page read as zeros, which only an outside
 truncation while the store is open can cause. Small I/O through the mapping keeps the GIL
@@ -56,6 +57,15 @@ from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, mun
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport fsync, ftruncate, pread, pwrite
+
+
+cdef extern from "<sys/mman.h>" nogil:
+    int MADV_DONTNEED
+    int madvise(void *addr, size_t length, int advice)
+
+cdef extern from "<unistd.h>" nogil:
+    int _SC_PAGESIZE
+    long sysconf(int name)
 
 from os import strerror as _strerror
 
