@@ -137,7 +137,8 @@ cdef int data_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint
     its bytes (so no fault can mean a full disk): a process killed in the middle of the
     copy leaves it torn anywhere, but in a slot that no durable map names. Any other slot
     is written by pwrite, which a kill leaves applied by whole pages. A copy that faults
-    (a failing disk) is EIO, as pwrite would report it."""
+    (a hole the file system cannot fill on a full disk, or a failing disk) is done again
+    by pwrite, which reports which (NoSpace or EIO)."""
     cdef uint64_t inside = 0
     if not (st.view_writable and slot_is_fresh(st, slot)):
         return data_write(st, buf, n, off, err)
@@ -149,9 +150,7 @@ cdef int data_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint
     if off < st.file_size:
         inside = st.file_size - off if off + n > st.file_size else n
         if cs_guarded_copy(st.view + off, buf, inside) != 0:
-            err.kind = E_OS
-            err.errnum = EIO
-            return -1
+            return data_write(st, buf, n, off, err)
     if inside < n:
         if fd_pwrite_full(st.fd, buf + inside, n - inside, off + inside, err) < 0:
             return -1

@@ -35,6 +35,7 @@ import cowstore
 from cowstore.engines.format import SUB_BLOCKS
 from tests.conftest import ENGINES
 from tests.harness.crashload import BREAK_ENV, CHUNK, DATA_OPS, SIZE, payload
+from tests.smallfs import fill, small_fs
 
 UNIT = CHUNK // SUB_BLOCKS
 """What a write not flushed yet is all or nothing in: a sub-block (see `differences`)."""
@@ -85,6 +86,7 @@ class Round:
     ops: int
     tail: list[dict[str, Any]]
     problems: list[str]
+    refused: int = 0
 
     def report(self) -> str:
         tail = "\n    ".join(json.dumps(r) for r in self.tail)
@@ -291,22 +293,36 @@ def kill_child(
 
 
 def crash_rounds(
-    tmp_path: Path, engine: str, kills: int, *, broken: bool = False
+    tmp_path: Path, engine: str, kills: int, *, broken: bool = False, disk: Path | None = None
 ) -> tuple[list[Round], float]:
-    """Run up to `kills` kill-and-check rounds; stop at the first failing one. Returns rounds and seconds."""
+    """Run up to `kills` kill-and-check rounds; stop at the first failing one. Returns rounds and seconds.
+
+    With `disk` (a small file system for the store), each round first takes all but a few
+    chunks of its free space away, or gives it back, at random: the child meets a full disk
+    in writes, flushes and snapshotter calls, and logs those calls as failed."""
     rng = random.Random(int(os.environ.get("COWSTORE_CRASH_SEED", random.randrange(1 << 32))))
     env = {k: v for k, v in os.environ.items() if k != BREAK_ENV}
     if broken:
         env[BREAK_ENV] = "1"
-    store_dir = tmp_path / "store"
+    store_dir = (disk or tmp_path) / "store"
     cowstore.open(store_dir, create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine).close()
     model: Model = {}
     rounds: list[Round] = []
+    filler: Path | None = None
     began = time.monotonic()
     for number in range(kills):
         seed = rng.randrange(1 << 32)
         log = tmp_path / f"log.{number}"
+        if disk is not None:
+            if filler is not None:
+                filler.unlink()
+                filler = None
+            if rng.random() < 0.6:
+                filler = fill(disk, leave=rng.choice([0, 1, 4, 16]) * CHUNK)
         kill_child(store_dir, log, seed, engine, rng, env)
+        if filler is not None:
+            filler.unlink()
+            filler = None
         records = read_log(log)
         candidates = replay(model, records)
         try:
@@ -319,7 +335,8 @@ def crash_rounds(
             if all(verdicts):
                 problems = [p for v in verdicts for p in v]
         ops = sum(1 for r in records if r["ev"] == "begin")
-        rounds.append(Round(engine, number, seed, log, ops, records[-8:], problems))
+        refused = sum(1 for r in records if r["ev"] == "failed")
+        rounds.append(Round(engine, number, seed, log, ops, records[-8:], problems, refused))
         if problems:
             break
         model = seen
@@ -344,6 +361,18 @@ def check_survives(tmp_path: Path, engine: str, kills: int) -> None:
 
 def test_flushed_writes_and_snapshotter_calls_survive_sigkill(engine: str, tmp_path: Path) -> None:
     check_survives(tmp_path, engine, per_engine(KILLS))
+
+
+def test_flushed_writes_and_snapshotter_calls_survive_sigkill_on_a_disk_that_fills_up(
+    engine: str, tmp_path: Path
+) -> None:
+    with small_fs(tmp_path, size=24 << 20) as disk:
+        rounds, _ = crash_rounds(tmp_path, engine, per_engine(KILLS), disk=disk)
+    failed = [r for r in rounds if r.problems]
+    assert not failed, failed[0].report()
+    refused = sum(r.refused for r in rounds)
+    print(f"\n{engine}: {len(rounds)} kills on a filling disk, {refused} calls refused with NoSpace")
+    assert refused, f"in {len(rounds)} rounds no call met the full disk"
 
 
 @pytest.mark.slow
