@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .engines import format
@@ -53,6 +54,17 @@ class CheckReport:
     @property
     def leaks(self) -> int:
         return len(self.leaked_pages)
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending slots as runs of (first, count)."""
+    runs: list[tuple[int, int]] = []
+    for slot in slots:
+        if runs and runs[-1][0] + runs[-1][1] == slot:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((slot, 1))
+    return runs
 
 
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from . import layout, rawimage, units
-from .check import CheckReport, Problem
+from .check import CheckReport, Problem, slot_runs
 from .errors import Corruption, Error, FailedPrecondition, NotFound
 from .store import Store
 from .types import Info, Kind
@@ -687,13 +687,7 @@ def _plural(n: int, word: str) -> str:
 
 def _slot_ranges(slots: Sequence[int]) -> str:
     """Ascending slots as "3-7, 9, 12-20"."""
-    runs: list[list[int]] = []
-    for slot in slots:
-        if runs and runs[-1][1] + 1 == slot:
-            runs[-1][1] = slot
-        else:
-            runs.append([slot, slot])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    return ", ".join(f"{a}-{a + n - 1}" if n > 1 else f"{a}" for a, n in slot_runs(slots))
 
 
 @command(
@@ -939,9 +933,9 @@ def _error_json(exc: BaseException) -> dict[str, str]:
     return {"kind": type(exc).__name__, "message": _one_line(exc)}
 
 
-def _error(exc: BaseException, args: argparse.Namespace | None = None) -> None:
+def _error(exc: BaseException, args: argparse.Namespace) -> None:
     """One line on standard error; with --json, a JSON object."""
-    if args is not None and getattr(args, "json", False):
+    if args.json:
         print(json.dumps({"error": _error_json(exc)}), file=sys.stderr)
     else:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)

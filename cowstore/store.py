@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from . import engines, fallocate, metadata
-from .check import CheckReport, audit
+from .check import CheckReport, audit, slot_runs
 from .engines import format
 from .engines.format import Changes
 from .errors import (
@@ -110,17 +110,6 @@ class _Snapshot:
             self.size,
             directory,
         )
-
-
-def _runs(slots: list[int]) -> list[tuple[int, int]]:
-    """Ascending slots as runs of (first, count)."""
-    runs: list[tuple[int, int]] = []
-    for slot in slots:
-        if runs and runs[-1][0] + runs[-1][1] == slot:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((slot, 1))
-    return runs
 
 
 def _now() -> int:
@@ -641,7 +630,7 @@ class Store:
             freed = before - os.fstat(self._data_fd).st_size
             free = self._engine.take_free()
             try:
-                for first, count in _runs(free):
+                for first, count in slot_runs(free):
                     if first <= slots and fallocate.punch_hole(
                         self._data_fd, (first - 1) * self.chunk_size, count * self.chunk_size
                     ):
@@ -768,7 +757,10 @@ class Store:
         if self._closed:
             raise Closed(f"store {self._where} is closed")
         if self._broken is not None:
-            raise Unavailable(f"store {self._where} failed to persist and must be reopened: {self._broken}")
+            raise self._unavailable()
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(f"store {self._where} failed to persist and must be reopened: {self._broken}")
 
     def _persist(
         self,
@@ -803,9 +795,7 @@ class Store:
         except BaseException as exc:
             if isinstance(exc, (OSError, Error)) and not isinstance(exc, NoSpace):
                 self._broken = exc
-                raise Unavailable(
-                    f"store {self._where} failed to persist and must be reopened: {exc}"
-                ) from exc
+                raise self._unavailable() from exc
             self._unsaved = changes
             if undo is not None:
                 undo()
