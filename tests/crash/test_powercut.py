@@ -794,7 +794,8 @@ def test_harness_catches_a_store_that_breaks_a_durability_rule(
 
     Each of these bugs leaves durable metadata naming data that is not on the disk, which
     the next boot finds as bytes matching no allowed state, a slot past the data file's
-    end, or (when a commit had sealed the chunk) a chunk failing its checksum."""
+    end (named by a page, or read short), or (when a commit had sealed the chunk) a chunk
+    failing its checksum."""
     rounds = power_cut_rounds(tmp_path, "python", SELF_TEST_CUTS, sabotage=sabotage, **how)
     problems = rounds[-1].problems
     assert problems, f"{len(rounds)} power cuts of a store with a {sabotage.__name__} bug went unnoticed"
@@ -805,7 +806,7 @@ def test_harness_catches_a_store_that_breaks_a_durability_rule(
         (tmp_path / "control").mkdir()
         control = power_cut_rounds(tmp_path / "control", "python", len(rounds), master=master, **how)
         assert not control[-1].problems, "the store fails these rounds unbroken:\n" + control[-1].report()
-    signs = ("matches neither", "beyond the pool", "fails its checksum")
+    signs = ("matches neither", "beyond the pool", "the data file is truncated", "fails its checksum")
     assert any(sign in p for p in problems for sign in signs), rounds[-1].report()
 
 

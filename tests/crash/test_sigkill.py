@@ -207,10 +207,14 @@ def observe(store: cowstore.Store) -> tuple[Model, list[str]]:
         if store.stat(info.name) != info:
             problems.append(f"{info.name}: stat {store.stat(info.name)} differs from walk's {info}")
         kind = info.kind.value
-        if kind == "committed":
-            data = store._engine.pread(store._snapshots[info.name].id, info.size, 0)
-        else:
-            data = store.mounts(info.name).pread(info.size, 0)
+        try:
+            if kind == "committed":
+                data = store._engine.pread(store._snapshots[info.name].id, info.size, 0)
+            else:
+                data = store.mounts(info.name).pread(info.size, 0)
+        except cowstore.errors.Corruption as exc:
+            problems.append(f"{info.name}: reading it: {exc}")
+            continue
         model[info.name] = Snap(kind, info.parent, dict(info.labels), info.size, bytearray(data))
     return model, problems
 
