@@ -836,6 +836,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(
+    "mount",
+    "serve every snapshot as a file in MOUNTPOINT (FUSE) until unmounted, SIGTERM or SIGINT",
+    arg("mountpoint", metavar="MOUNTPOINT"),
+    arg("--threads", type=int, default=4, help="requests served at once (default 4)"),
+)
+def _cmd_mount(args: argparse.Namespace) -> int:
+    """Runs in the foreground, as nbdfuse and qemu-storage-daemon do."""
+    mountpoint = Path(args.mountpoint)
+    if not mountpoint.is_dir():
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if not 1 <= args.threads <= 64:
+        raise UsageError(f"--threads {args.threads}: give 1 to 64")
+    from . import fuse
+
+    with _open_store(args) as store:
+
+        def ready(m: fuse.Mount) -> None:
+            names = sorted(os.listdir(m.mountpoint))
+            if args.json:
+                print(json.dumps({"mountpoint": m.mountpoint, "files": names}), flush=True)
+            else:
+                print(f"mounted {len(names)} snapshots at {m.mountpoint}", flush=True)
+
+        fuse.serve(store, str(mountpoint), ready=ready, threads=args.threads)
+    return 0
+
+
 def _check_socket_path(path: Path) -> None:
     if not path.parent.is_dir():
         raise UsageError(f"--socket {path}: the directory {path.parent} does not exist")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import threading
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,7 @@ from .namespace import Namespace, file_name, snapshot_key
 if TYPE_CHECKING:
     from ..store import Store
 
-__all__ = ["MAX_IO", "Mount", "file_name", "mount", "server_module", "snapshot_key"]
+__all__ = ["MAX_IO", "Mount", "file_name", "mount", "serve", "server_module", "snapshot_key"]
 
 MAX_IO = 1 << 20
 """The largest read or write the kernel sends in one request."""
@@ -64,6 +66,8 @@ class Mount:
             kernel.detach(self.mountpoint, lazy=True)
             raise
         self._error: BaseException | None = None
+        self.ended = threading.Event()
+        """Set once the kernel ended the connection: unmounted from outside, or `close`."""
         self._thread = threading.Thread(target=self._serve, name=f"fuse {self.mountpoint}", daemon=True)
         self._thread.start()
 
@@ -72,6 +76,8 @@ class Mount:
             self._server.run()
         except BaseException as exc:
             self._error = exc
+        finally:
+            self.ended.set()
 
     @property
     def running(self) -> bool:
@@ -107,3 +113,27 @@ class Mount:
 def mount(store: Store, mountpoint: str, *, threads: int = THREADS) -> Mount:
     """Mount `store` on `mountpoint`: one file per snapshot, named `file_name(key)`."""
     return Mount(store, mountpoint, threads=threads)
+
+
+def serve(
+    store: Store,
+    mountpoint: str,
+    *,
+    ready: Callable[[Mount], None] | None = None,
+    threads: int = THREADS,
+) -> None:
+    """Mount `store` and serve until it is unmounted from outside, SIGTERM or SIGINT; then
+    unmount and flush. `ready` is called with the mount once the files are there. The
+    store stays open: it belongs to the caller."""
+    with mount(store, mountpoint, threads=threads) as m:
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda signum, frame: m.ended.set())
+        try:
+            if ready is not None:
+                ready(m)
+            m.ended.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
