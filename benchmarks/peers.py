@@ -98,10 +98,14 @@ def cowstore_env(engine: str | None) -> dict[str, str]:
     return env
 
 
+def cowstore_command() -> list[str]:
+    """The `cowstore` command through this interpreter (with `cowstore_env`, this checkout's)."""
+    return [sys.executable, "-c", "import sys; from cowstore.cli import main; sys.exit(main())"]
+
+
 def cowstore_serve_command(store: Path, sock: Path, exports: Sequence[str]) -> list[str]:
     """`cowstore --store STORE serve --socket SOCK --export KEY…`, through this interpreter."""
-    command = [sys.executable, "-c", "import sys; from cowstore.cli import main; sys.exit(main())"]
-    command += ["--store", str(store), "serve", "--socket", str(sock)]
+    command = [*cowstore_command(), "--store", str(store), "serve", "--socket", str(sock)]
     for key in exports:
         command += ["--export", key]
     return command
@@ -258,17 +262,23 @@ def _seconds(value: float) -> str:
 
 
 def run_fio(
-    uri: str, job: FioJob, *, runtime: float, ramp: float, workdir: Path, size: int | None = None
+    target: str | Path,
+    job: FioJob,
+    *,
+    runtime: float,
+    ramp: float,
+    workdir: Path,
+    size: int | None = None,
+    direct: bool = True,
 ) -> FioResult:
-    """One bounded fio run of `job` against the NBD `uri`; its JSON output is kept beside `workdir`."""
+    """One bounded fio run of `job` against `target`: an NBD URI (`--ioengine=nbd`), or a file
+    (`--ioengine=psync`, O_DIRECT unless not `direct`). Its JSON output is kept beside `workdir`."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"fio-{job.name}-{time.monotonic_ns()}.json"
     command = [
         "fio",
         f"--name={job.name}",
-        "--ioengine=nbd",
-        f"--uri={uri}",
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
@@ -280,6 +290,10 @@ def run_fio(
         f"--output={out}",
         "--randrepeat=0",
     ]
+    if isinstance(target, Path):
+        command += ["--ioengine=psync", f"--filename={target}", f"--direct={int(direct)}"]
+    else:
+        command += ["--ioengine=nbd", f"--uri={target}"]
     if ramp > 0:
         command.append(f"--ramp_time={_seconds(ramp)}")
     if size is not None:

@@ -247,9 +247,59 @@ def _speedup_target(doc: dict[str, Any]) -> Target:
     return Target(goal, text, all(r >= 10 for _, r in found))
 
 
+def _nbd_write_target(doc: dict[str, Any]) -> Target:
+    goal = f"NBD 4 KiB random writes at depth {TARGET_CHAIN + 1}, 1 and 4 connections: ≥ 100 % of nbdkit"
+    cases = [
+        c
+        for c in (doc.get("vs_qemu") or {}).get("nbd", [])
+        if c.get("chain") == TARGET_CHAIN and c["job"].startswith("randwrite-4k")
+    ]
+    found = [(c["job"], (c.get("ratios") or {}).get("cowstore/nbdkit")) for c in cases]
+    found = [(job, r) for job, r in found if r is not None]
+    if not found:
+        return Target(goal, "not run at this depth", None)
+    return Target(goal, ", ".join(f"{job} {r:.0%}" for job, r in found), all(r >= 1.0 for _, r in found))
+
+
+FUSE_GOALS = {
+    "qemu-storage-daemon": {"randread-4k": 2.0, "randwrite-4k": 2.0, "read-1m": 1.0},
+    "nbdfuse": {"randread-4k": 1.0, "randwrite-4k": 1.0, "read-1m": 1.0},
+}
+"""Per peer, the ratio each fio case of `cowstore mount` must reach (by the job's name prefix)."""
+
+
+def _fuse_targets(doc: dict[str, Any]) -> list[Target]:
+    section = doc.get("vs_fuse") or {}
+    depth = (section.get("meta") or {}).get("depth", "?")
+    out = []
+    for peer, goals in FUSE_GOALS.items():
+        goal = f"FUSE at depth {depth}, fio psync x4 vs {peer}: " + ", ".join(
+            f"{case} ≥ {want:g}x" for case, want in goals.items()
+        )
+        found = []
+        for c in section.get("fio") or []:
+            want = next((w for case, w in goals.items() if c["job"].startswith(case)), None)
+            r = (c.get("ratios") or {}).get(f"cowstore/{peer}")
+            if want is not None and r is not None:
+                found.append((c["job"].split("-psync")[0], r, want))
+        measured = ", ".join(f"{job} {r:.2f}x" for job, r, _ in found) or "not run"
+        out.append(Target(goal, measured, all(r >= w for _, r, w in found) if found else None))
+    ext4 = section.get("ext4") or {}
+    ratios = ext4.get("ratios") or {}
+    goal = "ext4 on a loop device over the file, write + fsync and cold read: ≥ 1x nbdfuse"
+    if ratios and None not in ratios.values():
+        measured = ", ".join(f"{k.split()[-1].split('_')[0]} {v:.2f}x" for k, v in ratios.items())
+        out.append(Target(goal, measured, all(v >= 1.0 for v in ratios.values())))
+    else:
+        out.append(Target(goal, "not run", None))
+    return out
+
+
 def targets(doc: dict[str, Any]) -> list[Target]:
     return [
         _nbd_target(doc),
+        _nbd_write_target(doc),
+        *_fuse_targets(doc),
         _inprocess_target(doc),
         _depth_target(doc),
         _prepare_target(doc),
@@ -327,6 +377,68 @@ def _nbd_lines(vs: dict[str, Any]) -> list[str]:
         "",
         *_table(headers, rows),
     ]
+
+
+def fuse_lines(section: dict[str, Any]) -> list[str]:
+    """The FUSE tables: fio cases against both peers, then ext4 over a loop device."""
+    meta = section.get("meta") or {}
+    cfg = meta.get("config") or {}
+    names = ["cowstore", "qemu-storage-daemon", "nbdfuse"]
+    rows = []
+    for c in section.get("fio") or []:
+        med = c.get("median") or {}
+        big = c["job"].startswith("read-1m")
+        cells = [
+            rate((med.get(n) or {}).get("bw_bytes")) if big else rate((med.get(n) or {}).get("iops"), "IOPS")
+            for n in names
+        ]
+        r = c.get("ratios") or {}
+        direct = c.get("direct") or {}
+        rows.append(
+            [
+                c["job"],
+                *cells,
+                ratio(r.get("cowstore/qemu-storage-daemon")),
+                ratio(r.get("cowstore/nbdfuse")),
+                ", ".join(n for n in names if not direct.get(n, True)) or "all",
+            ]
+        )
+    lines = [
+        f"## Over FUSE: fio psync on the file of depth {meta.get('depth', '?')} "
+        f"({cfg.get('size', 0) / 2**20:.0f} MiB, {cfg.get('pairs')} alternating runs, median; "
+        f"{meta.get('started', '?')}; {_build_text(meta)})",
+        "",
+        *_table(
+            ["job", *names, "cowstore / qsd", "cowstore / nbdfuse", "O_DIRECT refused by"],
+            rows,
+        ),
+    ]
+    ext4 = section.get("ext4")
+    if ext4:
+        med = ext4.get("median") or {}
+        r = ext4.get("ratios") or {}
+        lines += [
+            "",
+            f"ext4 on a loop device over the file, {ext4.get('bytes', 0) / 2**20:.0f} MiB written with a "
+            "final fsync, then read after dropping caches:",
+            "",
+            *_table(
+                ["", *med.keys(), "cowstore / nbdfuse"],
+                [
+                    [
+                        "write + fsync",
+                        *(rate(m.get("write_bytes_per_s")) for m in med.values()),
+                        ratio(r.get("cowstore/nbdfuse write_bytes_per_s")),
+                    ],
+                    [
+                        "cold read",
+                        *(rate(m.get("read_bytes_per_s")) for m in med.values()),
+                        ratio(r.get("cowstore/nbdfuse read_bytes_per_s")),
+                    ],
+                ],
+            ),
+        ]
+    return lines
 
 
 def _micro_lines(micro: dict[str, Any]) -> list[str]:
@@ -416,6 +528,8 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += [*_inprocess_lines(vs), ""]
         if vs.get("nbd"):
             lines += [*_nbd_lines(vs), ""]
+    if doc.get("vs_fuse"):
+        lines += [*fuse_lines(doc["vs_fuse"]), ""]
     micro = doc.get("micro")
     if micro:
         meta = micro.get("meta") or {}

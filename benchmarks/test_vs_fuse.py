@@ -1,0 +1,27 @@
+"""The FUSE side-by-side (benchmarks/vs_fuse.py), run by `make bench` after the NBD one.
+
+`COWSTORE_BENCH_QUICK=1` runs `--quick`; `COWSTORE_FUSE_BENCH_ARGS` passes other arguments.
+Outside CI it is skipped when a peer is missing or not root.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+
+from benchmarks import vs_fuse
+
+
+def test_vs_fuse(capsys):
+    missing = vs_fuse.missing_tools()
+    if missing or os.geteuid() != 0:
+        why = f"{', '.join(missing)} not installed" if missing else "needs root (loop devices)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}, and CI requires it")
+        pytest.skip(why)
+    argv = ["--quick"] if os.environ.get("COWSTORE_BENCH_QUICK") else []
+    argv += shlex.split(os.environ.get("COWSTORE_FUSE_BENCH_ARGS", ""))
+    with capsys.disabled():
+        assert vs_fuse.main(argv) == 0
