@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import cowstore
-from cowstore import control
+from cowstore import cli, control
 from tests.cli.test_cli import base_and_child, sparse_image
 from tests.conftest import CHUNK, SIZE
 from tests.console import command, env
@@ -297,3 +297,33 @@ def test_a_client_stopped_during_an_import_leaves_all_or_nothing(world, serving,
             outcomes.append("stopped")
     assert "stopped" in outcomes, outcomes
     assert world.cli("check").code == 0
+
+
+def test_a_daemon_stopped_during_a_clients_import_undoes_it_and_says_so_to_the_client(world, serving):
+    image = os.urandom(256 * CHUNK) * 64
+    (world.work / "big").write_bytes(image)
+    client = world.popen("import", "big", "k", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for_import(serving, world.work / "big")
+    assert serving.stop()[0] == 0
+    _, err = client.communicate(timeout=TIMEOUT)
+    with cowstore.open(world.store) as s:
+        names = [i.name for i in s.walk()]
+        assert s.check().ok
+    if "k" in names:
+        assert client.returncode == 0
+    else:
+        assert (client.returncode, err) == (143, b"cowstore: terminated\n")
+        assert names == ["base", "child", "look"]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--mount", "nowhere"], "mount point nowhere is not a directory"),
+        (["--mount", ".", "--export", "child"], "--export is for NBD: add --listen or --socket"),
+    ],
+)
+def test_serve_mount_refuses_what_it_cannot_serve(world, capsys, monkeypatch, args, says):
+    monkeypatch.chdir(world.work)
+    assert cli.main(["--store", str(world.store), "serve", *args]) == 1
+    assert says in capsys.readouterr().err
