@@ -25,7 +25,7 @@ from typing import Any, TextIO, TypeVar
 
 from . import borrow, control, daemon, layout, rawimage, units
 from .check import CheckReport, Problem, slot_runs
-from .errors import Corruption, Error, FailedPrecondition, NotFound
+from .errors import Corruption, Error, FailedPrecondition, Locked, NotFound
 from .store import Store
 from .types import Info, Kind
 from .units import format_size
@@ -1069,16 +1069,23 @@ def _here_or_in_daemon(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _through_daemon(args: argparse.Namespace, argv: list[str]) -> int | None:
     """Run the command line in the daemon holding the store, if one does (its exit status;
-    None: run it here). The daemon writes to our standard output and error itself."""
-    if not _command(args.command).through_daemon:
-        return None
+    None: run it here). The daemon writes to our standard output and error itself. A
+    command that cannot run in it fails at once: a daemon does not let go of its store."""
     path = _store_path(args).absolute()
     if not control.socket_path(path).exists():
+        return None
+    if not _command(args.command).through_daemon:
+        pid = control.daemon_pid(path)
+        if pid is not None:
+            raise Locked(
+                f"store {path} is in use: process {pid} serves it (a cowstore daemon), "
+                f"and {args.command} cannot run through it"
+            )
         return None
     request = {
         "argv": argv,
         "store": str(path),
-        "cwd": os.getcwd(),
+        "cwd": _cwd(),
         "umask": _umask(),
         "stdout": _stream_json(sys.stdout),
         "stderr": _stream_json(sys.stderr),
@@ -1087,6 +1094,13 @@ def _through_daemon(args: argparse.Namespace, argv: list[str]) -> int | None:
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         opened.callback(os.close, cwd)
         return control.call(path, request, [sys.stdout.fileno(), sys.stderr.fileno(), cwd])
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return "/"
 
 
 def _umask() -> int:

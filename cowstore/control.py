@@ -26,6 +26,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ SOCKET_NAME = "control.sock"
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
 _HEADER = struct.Struct(">I")
-_UCRED = struct.Struct("3i")
+_UCRED = struct.Struct("iII")
 
 
 class ProtocolError(Error):
@@ -216,6 +217,7 @@ class Server:
                     if self._closing:
                         return
                 log.exception("control: accept failed")
+                time.sleep(0.1)
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="cowstore-request", daemon=True).start()
 
@@ -336,6 +338,15 @@ def connect(store: Path) -> socket.socket | None:
     return sock
 
 
+def daemon_pid(store: Path) -> int | None:
+    """The pid of the daemon holding `store`, if one answers on its control socket."""
+    sock = connect(store)
+    if sock is None:
+        return None
+    with sock:
+        return peer(sock).pid
+
+
 def call(store: Path, request: dict[str, Any], fds: Sequence[int]) -> int | None:
     """Run `request` in the daemon holding `store`, with our `fds`; its exit status, or None
     when no daemon takes it (run the command here). SIGINT and SIGTERM are forwarded while it
@@ -355,8 +366,11 @@ def call(store: Path, request: dict[str, Any], fds: Sequence[int]) -> int | None
         reply = received[0]
         if "refused" in reply:
             raise Locked(f"store {store} is in use: process {daemon} serves it and says: {reply['refused']}")
-        with _forwarding(sock):
-            received = receive(sock)
+        try:
+            with _forwarding(sock):
+                received = receive(sock)
+        except (OSError, ProtocolError):
+            received = None
         if received is None or not isinstance(received[0].get("exit"), int):
             raise Unavailable(f"the cowstore daemon (process {daemon}) ended before the command did")
         status: int = received[0]["exit"]

@@ -100,6 +100,7 @@ class Shared:
         self.path = path
         self._lock = threading.Lock()
         self._verifying = 0
+        self._always_verifies = store.verify_reads
 
     @contextlib.contextmanager
     def borrow(self, *, readonly: bool = False, verify: bool = False) -> Iterator[Store]:
@@ -110,7 +111,7 @@ class Shared:
     def _verify(self) -> Iterator[None]:
         """Reads verify their chunk sums while any command asks for it (NBD and FUSE reads
         too: they can only fail where they would return damaged bytes)."""
-        if self.store.verify_reads and not self._verifying:
+        if self._always_verifies:
             yield
             return
         with self._lock:

@@ -205,7 +205,9 @@ def test_commands_that_cannot_go_through_the_daemon_fail_as_locked_naming_it(wor
     mnt = world.work / "mnt"
     mnt.mkdir()
     for args in (["serve", "--socket", str(world.work / "other.sock")], ["init"], ["mount", str(mnt)]):
-        r = world.cli(*args)
+        started = time.monotonic()
+        r = world.cli("--wait", "30", *args)
+        assert time.monotonic() - started < 20
         assert r.code == 1, (args, r)
         assert f"process {serving.pid} ".encode() in r.err and b"in use" in r.err, (args, r.err)
     assert world.cli("ls").code == 0
@@ -327,3 +329,17 @@ def test_serve_mount_refuses_what_it_cannot_serve(world, capsys, monkeypatch, ar
     monkeypatch.chdir(world.work)
     assert cli.main(["--store", str(world.store), "serve", *args]) == 1
     assert says in capsys.readouterr().err
+
+
+def test_a_store_path_too_long_for_a_socket_address_still_gets_its_control_socket(tmp_path):
+    deep = tmp_path / ("d" * 100) / "store"
+    deep.mkdir(parents=True)
+    assert len(str(deep / control.SOCKET_NAME)) > 108
+    with control.Server(deep, lambda request: 7):
+        sock = control.connect(deep)
+        assert sock is not None
+        with sock:
+            control.send(sock, {"argv": []}, [1, 2])
+            assert control.receive(sock) == ({"accepted": os.getpid()}, [])
+            assert control.receive(sock) == ({"exit": 7}, [])
+    assert control.connect(deep) is None
