@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "control.sock"
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 4
+REQUEST_TIMEOUT = 30.0
+"""Seconds a client has, once connected, to send its request."""
 _HEADER = struct.Struct(">I")
 _UCRED = struct.Struct("iII")
 
@@ -229,7 +231,9 @@ class Server:
                     refusal = f"this daemon serves uid {os.getuid()} and root, not {client.uid}"
                     send(conn, {"refused": refusal})
                     return
+                conn.settimeout(REQUEST_TIMEOUT)
                 received = receive(conn)
+                conn.settimeout(None)
             except (OSError, ProtocolError) as exc:
                 log.debug("control: a client went wrong: %s", exc)
                 return
