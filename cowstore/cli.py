@@ -1,7 +1,8 @@
 """The `cowstore` command: a store's snapshots, images and NBD exports from the shell.
 
 Every command opens the store, does one thing and closes it, so the store's lock is held
-only while a command runs (and for as long as `serve` serves).
+only while a command runs. A daemon (`serve`, `mount`) holds it for as long as it serves;
+meanwhile the other commands run in the daemon, against its open store (`control`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from . import layout, rawimage, units
+from . import borrow, control, daemon, layout, rawimage, units
 from .check import CheckReport, Problem, slot_runs
-from .errors import Corruption, Error, FailedPrecondition, NotFound
+from .errors import Corruption, Error, FailedPrecondition, Locked, NotFound
 from .store import Store
 from .types import Info, Kind
 from .units import format_size
@@ -66,6 +67,12 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 @contextlib.contextmanager
 def _open_store(args: argparse.Namespace, *, readonly: bool = False, verify: bool = False) -> Iterator[Store]:
+    """The store, opened for this command, or the daemon's when the daemon runs the command."""
+    held: daemon.Shared | None = getattr(args, "held", None)
+    if held is not None:
+        with held.borrow(readonly=readonly or args.read_only, verify=verify) as store:
+            yield store
+        return
     path = _store_path(args)
     if not layout.is_store(path) and not (path.is_dir() and any(path.iterdir())):
         raise UsageError(f"no store at {path}: create one with `{PROG} init` (or pass --store)")
@@ -178,6 +185,7 @@ class _Progress:
             )
 
     def __call__(self, n: int) -> None:
+        borrow.checkpoint()
         if not self._enabled:
             return
         if self._bar is not None:
@@ -218,23 +226,29 @@ AddArguments = Callable[[Any], object]
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """A subcommand: its name and help, what it adds to its parser, and the handler (an exit status)."""
+    """A subcommand: its name and help, what it adds to its parser, and the handler (an exit
+    status). `through_daemon`: whether a daemon holding the store runs it; `paths`: its
+    arguments that name files, relative to the working directory."""
 
     name: str
     help: str
     arguments: tuple[AddArguments, ...]
     run: Callable[[argparse.Namespace], int]
+    through_daemon: bool = True
+    paths: tuple[str, ...] = ()
 
 
 COMMANDS: list[Command] = []
 """Every subcommand, in the order `--help` lists them."""
 
 
-def command(name: str, help: str, *arguments: AddArguments) -> Callable[[Handler], Handler]:
+def command(
+    name: str, help: str, *arguments: AddArguments, through_daemon: bool = True, paths: tuple[str, ...] = ()
+) -> Callable[[Handler], Handler]:
     """Register the decorated handler as the subcommand `name`, with its `arguments`."""
 
     def register(run: Handler) -> Handler:
-        COMMANDS.append(Command(name, help, arguments, run))
+        COMMANDS.append(Command(name, help, arguments, run, through_daemon, paths))
         return run
 
     return register
@@ -279,6 +293,7 @@ def _change_then_show(args: argparse.Namespace, key: str, change: Callable[[Stor
     arg("--chunk-size", metavar="SIZE", help="a power of two from 4K to 1M (default 64K)"),
     arg("--default-size", metavar="SIZE", help="size of a snapshot without parent (default 10G)"),
     arg("--max-bytes", metavar="SIZE", help="limit the chunk pool; 0 lifts the limit (kept in the store)"),
+    through_daemon=False,
 )
 def _cmd_init(args: argparse.Namespace) -> int:
     path = _store_path(args)
@@ -615,6 +630,7 @@ def _transfer_json(t: rawimage.Transfer) -> dict[str, int]:
     arg("--parent", help="build on this committed snapshot: only differing chunks take space"),
     arg("--commit", metavar="NAME", help="commit the snapshot as NAME once imported"),
     LABELS,
+    paths=("file",),
 )
 def _cmd_import(args: argparse.Namespace) -> int:
     labels = _parse_labels(args.label)
@@ -650,6 +666,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     arg("file", metavar="FILE"),
     arg("--force", action="store_true", help="replace FILE if it exists"),
     arg("--verify", action="store_true", help="check the sum of every committed chunk read"),
+    paths=("file",),
 )
 def _cmd_export(args: argparse.Namespace) -> int:
     with (
@@ -779,17 +796,31 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @command(
     "serve",
-    "serve snapshots over NBD until SIGTERM or SIGINT",
+    "hold the store and serve it until SIGTERM or SIGINT: NBD (the default), files (--mount)",
     one_of(
-        arg("--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:10809)"),
-        arg("--socket", metavar="PATH", help="a Unix socket instead of TCP"),
+        arg("--listen", metavar="HOST:PORT", help="NBD on TCP (default 127.0.0.1:10809)"),
+        arg("--socket", metavar="PATH", help="NBD on a Unix socket instead of TCP"),
     ),
-    arg("--export", action="append", metavar="KEY", help="export only these (repeatable)"),
-    arg("--allow-remote", action="store_true", help="allow listening on a non-loopback address"),
+    arg("--mount", metavar="DIR", help="every snapshot as a file in DIR (FUSE); NBD only with a flag for it"),
+    arg("--export", action="append", metavar="KEY", help="export only these over NBD (repeatable)"),
+    arg("--allow-remote", action="store_true", help="allow NBD on a non-loopback address"),
     arg("--verify", action="store_true", help="check the sum of every committed chunk read"),
+    through_daemon=False,
 )
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Checks every option before the store opens, names what is exported and where."""
+    """The daemon: checks every option before the store opens, names what it serves and
+    where; meanwhile other commands on the store go through it."""
+    serve_nbd = args.listen is not None or args.socket is not None or args.mount is None
+    front_ends: list[daemon.FrontEnd] = []
+    if args.mount is not None:
+        front_ends.append(_fuse(args, Path(args.mount), threads=4))
+    if not serve_nbd:
+        for flag, given in (("--export", args.export), ("--allow-remote", args.allow_remote)):
+            if given:
+                raise UsageError(f"{flag} is for NBD: add --listen or --socket to serve NBD too")
+        with _open_store(args, verify=args.verify) as store:
+            _hold(args, store, front_ends)
+        return 0
     host, port = parse_listen(args.listen) if args.listen else ("127.0.0.1", 10809)
     try:
         from . import nbd
@@ -824,8 +855,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if not args.export and not args.json:
                 print(f"serving every active snapshot and view at {_nbd_uri(server.address, '')}", flush=True)
 
-        nbd.serve(
-            store,
+        nbd_server = daemon.Nbd(
             ready=ready,
             exports=args.export or None,
             host=host,
@@ -833,6 +863,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             socket_path=args.socket,
             allow_remote=args.allow_remote,
         )
+        _hold(args, store, [nbd_server, *front_ends])
     return 0
 
 
@@ -841,27 +872,39 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     "serve every snapshot as a file in MOUNTPOINT (FUSE) until unmounted, SIGTERM or SIGINT",
     arg("mountpoint", metavar="MOUNTPOINT"),
     arg("--threads", type=int, default=4, help="requests served at once (default 4)"),
+    through_daemon=False,
 )
 def _cmd_mount(args: argparse.Namespace) -> int:
-    """Runs in the foreground, as nbdfuse and qemu-storage-daemon do."""
-    mountpoint = Path(args.mountpoint)
-    if not mountpoint.is_dir():
-        raise UsageError(f"mount point {mountpoint} is not a directory")
+    """The daemon with files only (`serve --mount` without NBD); in the foreground, as
+    nbdfuse and qemu-storage-daemon run."""
     if not 1 <= args.threads <= 64:
         raise UsageError(f"--threads {args.threads}: give 1 to 64")
-    from . import fuse
-
+    front_end = _fuse(args, Path(args.mountpoint), threads=args.threads)
     with _open_store(args) as store:
-
-        def ready(m: fuse.Mount) -> None:
-            names = sorted(os.listdir(m.mountpoint))
-            if args.json:
-                print(json.dumps({"mountpoint": m.mountpoint, "files": names}), flush=True)
-            else:
-                print(f"mounted {len(names)} snapshots at {m.mountpoint}", flush=True)
-
-        fuse.serve(store, str(mountpoint), ready=ready, threads=args.threads)
+        _hold(args, store, [front_end])
     return 0
+
+
+def _fuse(args: argparse.Namespace, mountpoint: Path, *, threads: int) -> daemon.Fuse:
+    """The FUSE front end, which says what it mounted once the files are there."""
+    if not mountpoint.is_dir():
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+
+    def ready(m: Any) -> None:
+        names = sorted(os.listdir(m.mountpoint))
+        if args.json:
+            print(json.dumps({"mountpoint": m.mountpoint, "files": names}), flush=True)
+        else:
+            print(f"mounted {len(names)} snapshots at {m.mountpoint}", flush=True)
+
+    return daemon.Fuse(str(mountpoint), threads=threads, ready=ready)
+
+
+def _hold(args: argparse.Namespace, store: Store, front_ends: Sequence[daemon.FrontEnd]) -> None:
+    """Serve through `front_ends` and run the other commands' requests until told to stop."""
+    path = _store_path(args).absolute()
+    shared = daemon.Shared(store, path)
+    daemon.run(store, path, front_ends, lambda request: _serve_request(shared, request))
 
 
 def _check_socket_path(path: Path) -> None:
@@ -972,6 +1015,7 @@ def _error(exc: BaseException, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -979,14 +1023,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so what a command leaves half done is undone first.
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.func(args)
+        return _outcome(args, lambda: _here_or_in_daemon(args, argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _outcome(args: argparse.Namespace, run: Callable[[], int]) -> int:
+    """`run`'s exit status, with errors, Ctrl-C and SIGTERM reported on standard error."""
+    try:
+        return run()
     except SystemExit as exc:
         print(f"{PROG}: terminated", file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else 1
     except (Error, UsageError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
             return 1
         if args.debug:
             traceback.print_exc()
@@ -999,8 +1053,122 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+
+def _command(name: str) -> Command:
+    return next(c for c in COMMANDS if c.name == name)
+
+
+def _here_or_in_daemon(args: argparse.Namespace, argv: list[str]) -> int:
+    status = _through_daemon(args, argv)
+    return args.func(args) if status is None else status
+
+
+# -- commands run by the daemon that holds the store -----------------------------
+
+
+def _through_daemon(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Run the command line in the daemon holding the store, if one does (its exit status;
+    None: run it here). The daemon writes to our standard output and error itself. A
+    command that cannot run in it fails at once: a daemon does not let go of its store."""
+    path = _store_path(args).absolute()
+    if not control.socket_path(path).exists():
+        return None
+    if not _command(args.command).through_daemon:
+        pid = control.daemon_pid(path)
+        if pid is not None:
+            raise Locked(
+                f"store {path} is in use: process {pid} serves it (a cowstore daemon), "
+                f"and {args.command} cannot run through it"
+            )
+        return None
+    request = {
+        "argv": argv,
+        "store": str(path),
+        "cwd": _cwd(),
+        "umask": _umask(),
+        "stdout": _stream_json(sys.stdout),
+        "stderr": _stream_json(sys.stderr),
+    }
+    with contextlib.ExitStack() as opened:
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        opened.callback(os.close, cwd)
+        return control.call(path, request, [sys.stdout.fileno(), sys.stderr.fileno(), cwd])
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return "/"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _stream_json(stream: TextIO) -> dict[str, Any]:
+    return {
+        "encoding": getattr(stream, "encoding", None) or "utf-8",
+        "errors": getattr(stream, "errors", None) or "strict",
+        "line_buffering": bool(getattr(stream, "line_buffering", False)),
+    }
+
+
+def _client_stream(fd: int, spec: object) -> borrow.Stream:
+    if not isinstance(spec, dict):
+        return borrow.Stream(fd)
+    return borrow.Stream(
+        fd, str(spec.get("encoding")), str(spec.get("errors")), bool(spec.get("line_buffering"))
+    )
+
+
+def _serve_request(shared: daemon.Shared, request: control.Request) -> int:
+    """Run a client's command line as `main` would in the client, against the daemon's store,
+    writing to the client's streams from its working directory."""
+    message, fds = request.message, request.fds
+    argv, store, cwd = message.get("argv"), message.get("store"), message.get("cwd")
+    if (
+        len(fds) != 3
+        or not isinstance(argv, list)
+        or not all(isinstance(a, str) for a in argv)
+        or not isinstance(store, str)
+        or not isinstance(cwd, str)
+    ):
+        raise control.ProtocolError(f"a request without argv, store, cwd and 3 descriptors: {message}")
+    umask = message.get("umask")
+    with borrow.client(
+        _client_stream(fds[0], message.get("stdout")),
+        _client_stream(fds[1], message.get("stderr")),
+        cwd=fds[2],
+        umask=umask if isinstance(umask, int) else None,
+        interrupted=lambda: request.signal,
+    ) as own_directory:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 1
+        spec = _command(args.command)
+        args.store = store
+        args.held = shared
+        if not own_directory:
+            for name in spec.paths:
+                value = getattr(args, name)
+                if value != "-":
+                    setattr(args, name, os.path.join(cwd, value))
+
+        def run() -> int:
+            if not spec.through_daemon or not os.path.samefile(store, shared.path):
+                raise UsageError(f"this daemon does not run {args.command} on {store}")
+            return args.func(args)
+
+        try:
+            return _outcome(args, run)
+        except Exception:
+            traceback.print_exc()
+            return 1
 
 
 def _terminate(signum: int, frame: object) -> None:

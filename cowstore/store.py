@@ -678,6 +678,13 @@ class Store:
                 made_room = made_room or os.fstat(self._data_fd).st_blocks < before
             return made_room
 
+    def set_verify_reads(self, verify: bool) -> None:
+        """Check (or stop checking) the sum of every committed chunk read, from now on."""
+        with self._lock:
+            self._check_open()
+            self._engine.set_verify(verify)
+            self.verify_reads = bool(verify)
+
     def flush(self) -> None:
         """Make every write before this call durable (nothing to do when read-only)."""
         with self._lock:
