@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import threading
-from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -25,7 +23,7 @@ from .namespace import Namespace, file_name, snapshot_key
 if TYPE_CHECKING:
     from ..store import Store
 
-__all__ = ["MAX_IO", "Mount", "file_name", "mount", "serve", "server_module", "snapshot_key"]
+__all__ = ["MAX_IO", "Mount", "file_name", "mount", "server_module", "snapshot_key"]
 
 MAX_IO = 1 << 20
 """The largest read or write the kernel sends in one request."""
@@ -114,26 +112,3 @@ def mount(store: Store, mountpoint: str, *, threads: int = THREADS) -> Mount:
     """Mount `store` on `mountpoint`: one file per snapshot, named `file_name(key)`."""
     return Mount(store, mountpoint, threads=threads)
 
-
-def serve(
-    store: Store,
-    mountpoint: str,
-    *,
-    ready: Callable[[Mount], None] | None = None,
-    threads: int = THREADS,
-) -> None:
-    """Mount `store` and serve until it is unmounted from outside, SIGTERM or SIGINT; then
-    unmount and flush. `ready` is called with the mount once the files are there. The
-    store stays open: it belongs to the caller."""
-    with mount(store, mountpoint, threads=threads) as m:
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda signum, frame: m.ended.set())
-        try:
-            if ready is not None:
-                ready(m)
-            m.ended.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
