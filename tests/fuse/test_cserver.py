@@ -363,3 +363,18 @@ def test_close_with_a_file_still_open(mounted: Mounted) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def test_a_bug_in_the_namespace_answers_eio_and_is_reported(mounted: Mounted, monkeypatch) -> None:
+    reported: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: reported.append(args.exc_value))
+
+    def broken() -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(mounted.mount.namespace, "statfs", broken)
+    with pytest.raises(OSError) as info:
+        os.statvfs(mounted.mountpoint)
+    assert info.value.errno == errno.EIO
+    assert len(reported) == 1
+    assert isinstance(reported[0], TypeError)

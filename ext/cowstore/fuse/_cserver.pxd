@@ -158,6 +158,7 @@ cdef extern from "cs_fuse.h" nogil:
     size_t fuse_buf_size(const fuse_bufvec *bufv)
     ssize_t fuse_buf_copy(fuse_bufvec *dst, fuse_bufvec *src, fuse_buf_copy_flags flags)
 
+    void cs_fuse_thread_init()
     unsigned char *cs_fuse_buffer(size_t n)
 
 

@@ -40,7 +40,7 @@ ATTR_TIMEOUT = 1.0
 
 TUNING = {
     "clone_fd": 1,
-    "direct_io": 0,
+    "direct_io": 1,
     "splice_read": 0,
     "writeback_cache": 0,
     "max_readahead": 1 << 20,
@@ -149,6 +149,7 @@ cdef void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_f
     cdef Err err
     cdef unsigned char *buf
     cdef int64_t n
+    cs_fuse_thread_init()
     if off < 0:
         fuse_reply_err(req, EINVAL)
         return
@@ -190,6 +191,7 @@ cdef void op_write_buf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec *bufv, off_t 
     cdef ssize_t copied
     cdef int64_t n
     cdef int attempt, code
+    cs_fuse_thread_init()
     if h.readonly:
         fuse_reply_err(req, EROFS)
         return
@@ -279,6 +281,7 @@ cdef void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept w
     cdef Handle *h
     cdef VolumeBase base
     cdef int rc
+    cs_fuse_thread_init()
     server = server_of(req)
     try:
         volume = server.namespace.open(ino, fi.flags)
@@ -328,6 +331,7 @@ cdef void op_flush(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcept 
 
 cdef void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info *fi) noexcept with gil:
     cdef Handle *h = handle_of(fi)
+    cs_fuse_thread_init()
     try:
         server_of(req).namespace.fsync(<object>h.volume)
         reply_err(req, 0)
