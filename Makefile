@@ -7,9 +7,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $$(find ext -typ
 .PHONY: demo test lint bench stress sanitize clean
 
 $(STAMP):
+	bash .ci/install-tools
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -c 'import cowstore; assert cowstore.engine == "cython", cowstore.engine'
+	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -c 'import cowstore, cowstore.fuse._cserver; assert cowstore.engine == "cython", cowstore.engine'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
@@ -20,6 +21,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check cowstore tests benchmarks
 	$(PY) -m mypy cowstore
 	$(PY) -m mypy.stubtest cowstore.engines._cengine --allowlist ext/stubtest-allowlist.txt
+	$(PY) -m mypy.stubtest cowstore.fuse._cserver --allowlist ext/stubtest-allowlist.txt
 
 test: $(STAMP) lint
 	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider
@@ -44,4 +46,4 @@ sanitize: $(STAMP)
 		status=$$?; $(PY) setup.py -q build_ext --inplace --force; exit $$status
 
 clean:
-	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so ext/*.c
+	rm -rf $(VENV) build *.egg-info cowstore/*.so cowstore/engines/*.so cowstore/fuse/*.so ext/*.c

@@ -328,6 +328,38 @@ cdef class Engine:
                 io_write(st, key, fits, off, n, data, err)
                 self.unlock()
 
+    cdef void io_pread(self, Key key, int64_t off, int64_t n, unsigned char *buf, Err *err) noexcept nogil:
+        """Read for a caller without the GIL (the FUSE server): `read_into` without its
+        GIL-held fast path."""
+        cdef unsigned char *tmp = NULL
+        if self.lock(SHARED, err) == 0:
+            io_read(&self.st, key, True, off, n, buf, err, &tmp)
+            self.unlock()
+        free(tmp)
+
+    cdef void io_pwrite(self, Key key, int64_t off, int64_t n, const unsigned char *data, Err *err) noexcept nogil:
+        """Write (data NULL: zeros) for a caller without the GIL; a full pool is reported in
+        err, and making room (`Volume._reclaim`) is the caller's, once it has the GIL."""
+        if self.lock(EXCLUSIVE, err) == 0:
+            io_write(&self.st, key, True, off, n, data, err)
+            self.unlock()
+
+    cdef int io_errno(self, const Err *err) noexcept nogil:
+        """The errno a file system reports for an I/O error of `io_pread`/`io_pwrite`: ESTALE
+        when the map is gone (its snapshot was committed or removed), ENOSPC when the pool
+        or its file system is full, EIO for the rest."""
+        if err.kind == E_OK:
+            return 0
+        if err.kind == E_KEY:
+            return ESTALE
+        if err.kind == E_NOSPACE or err.kind == E_NOSPACE_WRITE or err.kind == E_FULL:
+            return ENOSPC
+        if err.kind == E_RANGE:
+            return EINVAL
+        if err.kind == E_NOMEM:
+            return ENOMEM
+        return EIO
+
     cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
                    bint readonly) except -1:
         cdef Err err = NO_ERROR

@@ -9,10 +9,11 @@ import os
 from pathlib import Path
 
 from cowstore.rawimage import export_volume
-from tests.fuse.conftest import CHUNK, SIZE, Mounted, loop_mounted, sha256
+from tests.fuse.conftest import CHUNK, Mounted, loop_mounted, sha256
 from tests.tools import need, run
 
 MiB = 1 << 20
+SIZE = 64 * MiB
 
 
 def debugfs_write(image: Path, files: dict[str, bytes], scratch: Path) -> None:
@@ -46,7 +47,7 @@ def make_layers(mounted: Mounted, tmp_path: Path) -> tuple[dict[str, bytes], dic
     need("mkfs.ext4", "debugfs", "e2fsck", "mount", "umount")
     store = mounted.store
     store.prepare("build/layer1", size=SIZE)
-    image = mounted.file("build/layer1")
+    image = mounted.path("build/layer1")
     run("mkfs.ext4", "-q", "-F", "-b", "4096", str(image))
     layer1 = {
         "etc/hostname": b"cowstore\n",
@@ -55,12 +56,12 @@ def make_layers(mounted: Mounted, tmp_path: Path) -> tuple[dict[str, bytes], dic
     }
     debugfs_write(image, layer1, tmp_path)
     store.commit("layer1", "build/layer1")
-    run("e2fsck", "-fn", str(mounted.file("layer1")))
+    run("e2fsck", "-fn", str(mounted.path("layer1")))
 
-    before = sha256(mounted.file("layer1"))
+    before = sha256(mounted.path("layer1"))
     store.prepare("build/layer2 sha256:ab", "layer1")
     big = os.urandom(3 * MiB)
-    with loop_mounted(mounted.file("build/layer2 sha256:ab"), tmp_path / "rw") as rw:
+    with loop_mounted(mounted.path("build/layer2 sha256:ab"), tmp_path / "rw") as rw:
         (rw / "doomed").unlink()
         (rw / "etc" / "motd").write_bytes(b"hello from layer 2\n")
         (rw / "big").write_bytes(big)
@@ -68,8 +69,8 @@ def make_layers(mounted: Mounted, tmp_path: Path) -> tuple[dict[str, bytes], dic
     layer2["etc/motd"] = b"hello from layer 2\n"
     layer2["big"] = big
     store.commit("layer2", "build/layer2 sha256:ab")
-    assert sha256(mounted.file("layer1")) == before, "a child's writes changed its parent's bytes"
-    run("e2fsck", "-fn", str(mounted.file("layer2")))
+    assert sha256(mounted.path("layer1")) == before, "a child's writes changed its parent's bytes"
+    run("e2fsck", "-fn", str(mounted.path("layer2")))
     return layer1, layer2
 
 
@@ -77,9 +78,9 @@ def test_ext4_layers_made_through_files_show_exactly_their_files_in_views(mounte
     layer1, layer2 = make_layers(mounted, tmp_path)
     mounted.store.view("v1", "layer1")
     mounted.store.view("v2", "layer2")
-    with loop_mounted(mounted.file("v1"), tmp_path / "v1", "ro", "noload") as v1:
+    with loop_mounted(mounted.path("v1"), tmp_path / "v1", "ro", "noload") as v1:
         assert tree(v1) == layer1
-    with loop_mounted(mounted.file("v2"), tmp_path / "v2", "ro", "noload") as v2:
+    with loop_mounted(mounted.path("v2"), tmp_path / "v2", "ro", "noload") as v2:
         seen = tree(v2)
         assert seen == layer2
         assert "doomed" not in seen
@@ -93,7 +94,7 @@ def test_file_equals_export_and_qemu_img_reading_of_an_equivalent_qcow2_chain(mo
         raws[key] = tmp_path / f"{key}.raw"
         with mounted.store.reader(key) as vol:
             export_volume(vol, raws[key], CHUNK)
-        assert filecmp.cmp(mounted.file(key), raws[key], shallow=False), f"{key}: file != export"
+        assert filecmp.cmp(mounted.path(key), raws[key], shallow=False), f"{key}: file != export"
     base, top, flat = tmp_path / "base.qcow2", tmp_path / "top.qcow2", tmp_path / "flat.raw"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raws["layer1"]), str(base))
     run(
@@ -111,10 +112,10 @@ def test_file_equals_export_and_qemu_img_reading_of_an_equivalent_qcow2_chain(mo
         str(top),
     )
     run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(top), str(flat))
-    assert filecmp.cmp(mounted.file("layer2"), flat, shallow=False)
+    assert filecmp.cmp(mounted.path("layer2"), flat, shallow=False)
     assert (
         run(
-            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(mounted.file("layer2")), str(top)
+            "qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(mounted.path("layer2")), str(top)
         ).returncode
         == 0
     )
@@ -124,7 +125,7 @@ def test_fstrim_through_a_loop_device_gives_chunks_back(mounted, tmp_path):
     need("mkfs.ext4", "mount", "umount", "fstrim")
     store = mounted.store
     store.prepare("trimmed", size=SIZE)
-    image = mounted.file("trimmed")
+    image = mounted.path("trimmed")
     run("mkfs.ext4", "-q", "-F", str(image))
     with loop_mounted(image, tmp_path / "fs") as fs:
         (fs / "data").write_bytes(os.urandom(24 * MiB))

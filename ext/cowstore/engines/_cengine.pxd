@@ -207,6 +207,9 @@ cdef class Engine:
                         Err *err) noexcept
     cdef void write_from(self, Key key, bint fits, int64_t off, int64_t n, const unsigned char *data,
                          Err *err) noexcept
+    cdef void io_pread(self, Key key, int64_t off, int64_t n, unsigned char *buf, Err *err) noexcept nogil
+    cdef void io_pwrite(self, Key key, int64_t off, int64_t n, const unsigned char *data, Err *err) noexcept nogil
+    cdef int io_errno(self, const Err *err) noexcept nogil
     cdef int _read(self, object map_id, unsigned char *buf, Py_ssize_t length, object offset,
                    bint readonly) except -1
     cdef int _write(self, object map_id, const unsigned char *data, object offset, object length) except -1
