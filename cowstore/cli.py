@@ -886,7 +886,11 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace, mountpoint: Path, *, threads: int) -> daemon.Fuse:
-    """The FUSE front end, which says what it mounted once the files are there."""
+    """The FUSE front end, which says what it mounted once the files are there. A dead mount
+    left on `mountpoint` by a killed daemon is cleared first."""
+    from .fuse import kernel
+
+    kernel.clear_stale(str(mountpoint))
     if not mountpoint.is_dir():
         raise UsageError(f"mount point {mountpoint} is not a directory")
 
