@@ -111,4 +111,3 @@ class Mount:
 def mount(store: Store, mountpoint: str, *, threads: int = THREADS) -> Mount:
     """Mount `store` on `mountpoint`: one file per snapshot, named `file_name(key)`."""
     return Mount(store, mountpoint, threads=threads)
-
