@@ -338,13 +338,13 @@ class Server:
     def _setattr(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
         fields = proto.SETATTR_IN.unpack_from(body)
         valid, size, mode, uid, gid = fields[0], fields[3], fields[11], fields[13], fields[14]
-        attr = self.namespace.setattr(nodeid, size if valid & proto.FATTR_SIZE else None)
-        if (
-            (valid & proto.FATTR_MODE and stat.S_IMODE(mode) != stat.S_IMODE(attr.mode))
-            or (valid & proto.FATTR_UID and uid != attr.uid)
-            or (valid & proto.FATTR_GID and gid != attr.gid)
-        ):
-            raise _error(errno.EPERM, "a snapshot's file cannot change mode or owner")
+        attr = self.namespace.setattr(
+            nodeid,
+            size if valid & proto.FATTR_SIZE else None,
+            mode=mode if valid & proto.FATTR_MODE else None,
+            uid=uid if valid & proto.FATTR_UID else None,
+            gid=gid if valid & proto.FATTR_GID else None,
+        )
         return self._attr_out(attr)
 
     def _access(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:

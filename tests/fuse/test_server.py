@@ -282,6 +282,8 @@ def test_directory_changes_are_refused(mounted: Mounted) -> None:
     assert sorted(os.listdir(mp)) == sorted(fuse.file_name(k) for k in KEYS)
     os.truncate(mounted.path(active), SIZE)
     os.utime(mounted.path(active))
+    os.chmod(mounted.path(active), 0o644)
+    os.chown(mounted.path(active), os.geteuid(), os.getegid())
 
 
 def test_a_file_of_a_committed_snapshot_stops_writing(mounted: Mounted) -> None:
