@@ -15,6 +15,7 @@ import random
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pytest
 
 import cowstore
 from cowstore import fuse
+from cowstore.fuse import kernel
 
 CHUNK = 65536
 SIZE = 16 * 1024 * 1024
@@ -91,7 +93,8 @@ class Mounted:
 @pytest.fixture(params=FUSE_ENGINES)
 def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]:
     """A store with a committed base (data in its first chunks), an active layer on it and a
-    view of it, mounted on a fresh directory; unmounted and closed at the end."""
+    view of it, mounted on a fresh directory; unmounted and closed at the end. A test that
+    hangs on the mount has its connection aborted after `TIMEOUT` seconds, so it fails."""
     need("fusermount3")
     engine = request.param
     directory = tmp_path / "store"
@@ -105,9 +108,13 @@ def mounted(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mounted]
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     m = Mounted(engine, directory, mountpoint, store, fuse.mount(store, str(mountpoint)))
+    conn = kernel.connection(str(mountpoint))
+    watchdog = threading.Timer(TIMEOUT, lambda: conn is not None and kernel.abort(conn))
+    watchdog.start()
     try:
         yield m
     finally:
+        watchdog.cancel()
         try:
             m.mount.close()
         finally:
@@ -373,6 +380,29 @@ def test_punch_hole_gives_space_back(mounted: Mounted) -> None:
         assert exc.value.errno == errno.EOPNOTSUPP
     finally:
         os.close(fd)
+
+
+def test_mmap_in_another_process(mounted: Mounted) -> None:
+    """Shared mappings of both kinds of file work. Another process maps them: a page fault
+    in the server's own process would wait for a server that cannot run."""
+    program = f"""
+import mmap, os
+fd = os.open({mounted.path(KEYS[1])!r}, os.O_RDWR)
+with mmap.mmap(fd, 4 * {CHUNK}) as m:
+    assert m[: 3 * {CHUNK}] == open({mounted.path(KEYS[0])!r}, "rb").read(3 * {CHUNK})
+    m[100:105] = b"world"
+    m.flush()
+os.close(fd)
+fd = os.open({mounted.path(KEYS[0])!r}, os.O_RDONLY)
+with mmap.mmap(fd, {SIZE}, prot=mmap.PROT_READ) as m:
+    print(m[{SIZE} - 5 :].hex(), m[5:10].hex())
+os.close(fd)
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [bytes(5).hex(), pattern(1, 3 * CHUNK)[5:10].hex()]
+    with mounted.store.mounts(KEYS[1]) as v:
+        assert v.pread(5, 100) == b"world"
 
 
 # -- the namespace changing under the mount ---------------------------------------
