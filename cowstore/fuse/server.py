@@ -6,8 +6,15 @@ its own buffer (a read returns exactly one request), handles it, and answers wit
 filled in place in the worker's reply buffer and WRITE data is handed to the volume as a
 view of the request buffer: a 1 MiB request is copied only by the kernel and the engine.
 
+Caching: a committed snapshot or a view never changes (a commit makes a new inode), so
+its file keeps the page cache across opens; an active snapshot's file is direct I/O, as
+the store API and other front ends write it too, and a loop device over it then caches
+nothing twice. Names are never cached (snapshots come and go), attributes for a second.
+
 Every decision that is not protocol (names, attributes, who may open what, fsync, lseek,
-fallocate, statfs) is the `Namespace`'s, which the Cython server asks too.
+fallocate, statfs) is the `Namespace`'s, which the Cython server asks too. The process
+that runs the server must not touch a mapping of a file it serves: the page fault would
+wait for a worker that needs the GIL (or the faulting thread's mmap lock) to answer it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ ENTRY_VALID = 0
 ATTR_VALID = 1
 """Seconds the kernel may trust attributes (sizes never change; usage does)."""
 BLKSIZE = 4096
+"""st_blksize: the page size, which block tools and the loop driver expect."""
 MAX_BACKGROUND = 16
 """Asynchronous requests (readahead, async direct I/O) the kernel keeps in flight."""
 HEADER_ROOM = 4096
@@ -56,7 +64,8 @@ WANTED = (
     | proto.DIRECT_IO_ALLOW_MMAP
 )
 """INIT flags asked for when the kernel offers them. Not AUTO_INVAL_DATA nor the writeback
-cache: a file's data is checked on every open instead, and writes go straight through."""
+cache: writes go straight to the store, and only files whose bytes never change are
+cached. DIRECT_IO_ALLOW_MMAP lets an active snapshot's direct-I/O file be mapped shared."""
 
 REFUSED = frozenset(
     {
@@ -358,6 +367,7 @@ class Server:
     # -- files -----------------------------------------------------------------
 
     def _open(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
+        """A handle on a volume: cached if its bytes cannot change, else direct I/O."""
         flags = proto.OPEN_IN.unpack_from(body)[0]
         volume = self.namespace.open(nodeid, flags)
         if volume.readonly:
@@ -375,6 +385,7 @@ class Server:
         return None
 
     def _read(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
+        """Fill the worker's reply buffer in place; short at the end of the file."""
         fh, offset, size = proto.READ_IN.unpack_from(body)[:3]
         volume = self._volume(fh)
         n = max(0, min(size, volume.size - offset, len(worker.reply)))
@@ -384,6 +395,9 @@ class Server:
         return view
 
     def _write(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
+        """Write what fits: a file cannot grow, so a write from its end is ENOSPC (a full
+        device) and one across it is short. A volume whose snapshot was committed or
+        removed since the open raises NotFound (ESTALE) and writes nothing."""
         fh, offset, size = proto.WRITE_IN.unpack_from(body)[:3]
         volume = self._volume(fh)
         if volume.readonly:
