@@ -64,6 +64,7 @@ class Mount:
             kernel.detach(self.mountpoint, lazy=True)
             raise
         self._error: BaseException | None = None
+        self._closed = False
         self.ended = threading.Event()
         """Set once the kernel ended the connection: unmounted from outside, or `close`."""
         self._thread = threading.Thread(target=self._serve, name=f"fuse {self.mountpoint}", daemon=True)
@@ -88,7 +89,11 @@ class Mount:
         return not self._thread.is_alive()
 
     def close(self) -> None:
-        """Unmount (lazily if busy, then end the connection) and flush the store."""
+        """Unmount (lazily if busy, then end the connection) and flush the store; closing
+        twice is harmless (the store may be closed by then)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._thread.is_alive():
             if not kernel.detach(self.mountpoint):
                 kernel.detach(self.mountpoint, lazy=True)

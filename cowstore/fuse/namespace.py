@@ -166,10 +166,26 @@ class Namespace:
             return 0
         return sum(e.length for e in extents if e.allocated)
 
-    def setattr(self, ino: int, size: int | None) -> Attr:
-        """Only a size change to the size the file has is allowed (tools truncate to it)."""
+    def setattr(
+        self,
+        ino: int,
+        size: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Attr:
+        """Only changes to what the file has are allowed (tools truncate to its size, or
+        chmod and chown to its mode and owner); times are accepted and not kept. `None`
+        leaves a field alone; `mode` is compared by its permission bits."""
         attr = self.getattr(ino)
-        if ino == ROOT or (size is not None and size != attr.size):
+        if (
+            ino == ROOT
+            or (size is not None and size != attr.size)
+            or (mode is not None and stat.S_IMODE(mode) != stat.S_IMODE(attr.mode))
+            or (uid is not None and uid != attr.uid)
+            or (gid is not None and gid != attr.gid)
+        ):
             raise _error(errno.EPERM, "a snapshot's file cannot change size, mode or owner")
         return attr
 
