@@ -400,7 +400,7 @@ def fuse_lines(section: dict[str, Any]) -> list[str]:
                 *cells,
                 ratio(r.get("cowstore/qemu-storage-daemon")),
                 ratio(r.get("cowstore/nbdfuse")),
-                ", ".join(n for n in names if not direct.get(n, True)) or "all",
+                ", ".join(n for n in names if not direct.get(n, True)) or "none",
             ]
         )
     lines = [
