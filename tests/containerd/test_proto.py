@@ -46,7 +46,8 @@ def _shape(fds: Any) -> dict[str, Any]:
             continue
         services = {
             s.name: {
-                m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming) for m in s.method
+                m.name: (m.input_type, m.output_type, m.client_streaming, m.server_streaming)
+                for m in s.method
             }
             for s in f.service
         }
@@ -75,13 +76,17 @@ def test_our_proto_matches_upstream(tmp_path: Path) -> None:
         target = upstream / "github.com/containerd/containerd/api" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(_without_gogoproto((UPSTREAM / rel).read_text()))
-    theirs = _compile(upstream, [f"github.com/containerd/containerd/api/{FILES['snapshots']}"], tmp_path / "a")
+    theirs = _compile(
+        upstream, [f"github.com/containerd/containerd/api/{FILES['snapshots']}"], tmp_path / "a"
+    )
     ours = _compile(ROOT, ["cowstore/containerd/api/snapshots.proto"], tmp_path / "b")
     assert _shape(ours) == _shape(theirs)
     shape = _shape(ours)
     assert set(shape) == {"containerd.services.snapshots.v1", "containerd.types"}
     methods = shape["containerd.services.snapshots.v1"]["services"]["Snapshots"]
-    assert len(methods) == 10 and methods["List"][3] and not any(m[3] for k, m in methods.items() if k != "List")
+    assert (
+        len(methods) == 10 and methods["List"][3] and not any(m[3] for k, m in methods.items() if k != "List")
+    )
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
@@ -95,7 +100,9 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     cwd = os.getcwd()
     try:
         os.chdir(tmp_path)
-        assert protoc.main(["protoc", "-I.", f"-I{well_known}", "--python_out=.", "--pyi_out=.", *protos]) == 0
+        assert (
+            protoc.main(["protoc", "-I.", f"-I{well_known}", "--python_out=.", "--pyi_out=.", *protos]) == 0
+        )
         assert protoc.main(["protoc", "-I.", f"-I{well_known}", "--grpc_python_out=.", protos[1]]) == 0
     finally:
         os.chdir(cwd)
