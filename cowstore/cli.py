@@ -826,6 +826,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(FileExistsError, FileNotFoundError):
             files.mkdir(mode=0o700)
         args.mount = str(files)
+    if args.containerd is not None:
+        from .containerd import clear_stale
+
+        clear_stale(args.mount)  # before _fuse clears a dead mount there: see clear_stale
     if args.mount is not None:
         front_ends.append(_fuse(args, Path(args.mount), threads=4))
     if args.containerd is not None:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..store import Store
     from .snapshotter import Snapshotter
 
-__all__ = ["Containerd", "prepare_socket"]
+__all__ = ["Containerd", "clear_stale", "prepare_socket"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ def prepare_socket(path: str) -> None:
     raise FailedPrecondition(f"{path} is in use: another process serves on it")
 
 
+def clear_stale(files: str) -> None:
+    """Unmount and detach loop devices left on the files in `files` by a daemon that died.
+    Call it before a dead FUSE mount there is cleared: once that is detached, sysfs names
+    the devices' backing files relative to it, no longer under `files`."""
+    from . import loop
+
+    stale = loop.under(os.path.realpath(files))
+    if stale:
+        log.warning("clearing %d loop devices left on %s: %s", len(stale), files, stale)
+        loop.clear(stale)
+
+
 class Containerd:
     """containerd's snapshots API on the Unix socket `path` (mode 0600), for snapshots whose
     files the FUSE mount at `files` shows."""
@@ -71,16 +83,14 @@ class Containerd:
         self.snapshotter: Snapshotter | None = None
 
     def start(self, store: Store, ended: Callable[[], None]) -> None:
-        """Clear what a killed daemon left on our files, then serve."""
+        """Clear loop devices a killed daemon left on our files (`clear_stale`, if the caller
+        did not before mounting), then serve."""
         import grpc
 
-        from . import loop, service
+        from . import service
         from .snapshotter import Snapshotter
 
-        stale = loop.under(self.files)
-        if stale:
-            log.warning("clearing %d loop devices left on %s: %s", len(stale), self.files, stale)
-            loop.clear(stale)
+        clear_stale(self.files)
         self.snapshotter = Snapshotter(store, self.files)
         prepare_socket(self.path)
         server = grpc.server(

@@ -54,11 +54,13 @@ def serve(started: list[subprocess.Popen[str]], store: Path, *args: str) -> subp
     )
     started.append(proc)
     assert proc.stdout is not None
+    said = []
     for line in proc.stdout:
         if line.startswith("serving containerd's snapshots API"):
             return proc
+        said.append(line)
     proc.wait(TIMEOUT)
-    raise AssertionError(f"cowstore serve exited with {proc.returncode} before serving")
+    raise AssertionError(f"cowstore serve exited with {proc.returncode} before serving: {''.join(said)}")
 
 
 def test_serve_containerd(store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path) -> None:
@@ -114,3 +116,39 @@ def test_a_live_socket_is_refused(store: Path, daemon: list[subprocess.Popen[str
         )
     assert proc.returncode != 0 and "in use" in proc.stderr, proc.stderr
     assert not os.path.ismount(files)
+
+
+def test_restart_clears_what_a_killed_daemon_left(
+    store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """SIGKILL with a snapshot mounted through a loop device: the next daemon clears the dead
+    FUSE mount, the ext4 mount and the loop device, and serves again."""
+    import grpc
+
+    from cowstore.containerd.api import snapshots_pb2 as pb
+    from cowstore.containerd.api import snapshots_pb2_grpc
+
+    sock, files, target = tmp_path / "s.sock", tmp_path / "files", tmp_path / "rootfs"
+    files.mkdir()
+    target.mkdir()
+    proc = serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+        (m,) = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr"), timeout=TIMEOUT).mounts
+    device = subprocess.run(
+        ["losetup", "--find", "--show", m.source], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", "-t", "ext4", device, str(target)], check=True)
+        proc.kill()
+        proc.wait(TIMEOUT)
+        serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+        assert not os.path.ismount(target)
+        backing = Path(f"/sys/block/{Path(device).name}/loop/backing_file")
+        assert not backing.exists() or not backing.read_text().startswith(str(files))
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+            assert stub.Stat(pb.StatSnapshotRequest(key="ctr"), timeout=TIMEOUT).info.kind == pb.ACTIVE
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
