@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $$(find ext -type f | sort) 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench stress sanitize clean
+.PHONY: demo test lint bench stress sanitize clean proto
 
 $(STAMP):
 	bash .ci/install-tools
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench,containerd]'
 	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -c 'import cowstore, cowstore.fuse._cserver; assert cowstore.engine == "cython", cowstore.engine'
 	rm -f $(VENV)/.installed-* && touch $@
 
@@ -26,6 +26,15 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	COWSTORE_REQUIRE_EXTENSION=1 $(PY) -m pytest -q -p no:cacheprovider
 	COWSTORE_PURE_PYTHON=1 $(PY) -m pytest -q -p no:cacheprovider tests/engine/test_selection.py
+
+# The Python code for containerd's snapshots API, committed beside its .proto files. The
+# grpcio-tools version fixes the runtime floor in pyproject.toml's `containerd` extra.
+PROTO_DIR := cowstore/containerd/api
+GRPC_TOOLS := grpcio-tools==1.85.1
+proto: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check "$(GRPC_TOOLS)"
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTO_DIR)/mount.proto $(PROTO_DIR)/snapshots.proto
+	$(PY) -m grpc_tools.protoc -I. --grpc_python_out=. $(PROTO_DIR)/snapshots.proto
 
 bench: $(STAMP)
 	bash .ci/install-tools

@@ -796,12 +796,19 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 @command(
     "serve",
-    "hold the store and serve it until SIGTERM or SIGINT: NBD (the default), files (--mount)",
+    "hold the store and serve it until SIGTERM or SIGINT: NBD (the default), files (--mount), "
+    "containerd's snapshots API (--containerd)",
     one_of(
         arg("--listen", metavar="HOST:PORT", help="NBD on TCP (default 127.0.0.1:10809)"),
         arg("--socket", metavar="PATH", help="NBD on a Unix socket instead of TCP"),
     ),
     arg("--mount", metavar="DIR", help="every snapshot as a file in DIR (FUSE); NBD only with a flag for it"),
+    arg(
+        "--containerd",
+        metavar="PATH",
+        help="containerd's snapshots gRPC API on the Unix socket PATH (a proxy snapshotter); "
+        "mounts the files too, in --mount DIR or else STORE/files",
+    ),
     arg("--export", action="append", metavar="KEY", help="export only these over NBD (repeatable)"),
     arg("--allow-remote", action="store_true", help="allow NBD on a non-loopback address"),
     arg("--verify", action="store_true", help="check the sum of every committed chunk read"),
@@ -810,10 +817,23 @@ def parse_listen(text: str) -> tuple[str, int]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     """The daemon: checks every option before the store opens, names what it serves and
     where; meanwhile other commands on the store go through it."""
-    serve_nbd = args.listen is not None or args.socket is not None or args.mount is None
+    serve_nbd = (
+        args.listen is not None or args.socket is not None or (args.mount is None and not args.containerd)
+    )
     front_ends: list[daemon.FrontEnd] = []
+    if args.containerd is not None and args.mount is None:
+        files = _store_path(args).absolute() / "files"
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            files.mkdir(mode=0o700)
+        args.mount = str(files)
+    if args.containerd is not None:
+        from .containerd import clear_stale
+
+        clear_stale(args.mount)  # before _fuse clears a dead mount there: see clear_stale
     if args.mount is not None:
         front_ends.append(_fuse(args, Path(args.mount), threads=4))
+    if args.containerd is not None:
+        front_ends.append(_containerd(args, Path(args.containerd), Path(args.mount)))
     if not serve_nbd:
         for flag, given in (("--export", args.export), ("--allow-remote", args.allow_remote)):
             if given:
@@ -827,7 +847,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"the NBD server is not available: {exc}") from exc
     if args.socket is not None:
-        _check_socket_path(Path(args.socket))
+        _check_socket_path(Path(args.socket), "--socket")
     elif not args.allow_remote and not nbd.is_loopback(host):
         raise UsageError(
             f"--listen {args.listen}: {host} is not a loopback address, and NBD has no "
@@ -911,17 +931,37 @@ def _hold(args: argparse.Namespace, store: Store, front_ends: Sequence[daemon.Fr
     daemon.run(store, path, front_ends, lambda request: _serve_request(shared, request))
 
 
-def _check_socket_path(path: Path) -> None:
+def _check_socket_path(path: Path, flag: str) -> None:
     if not path.parent.is_dir():
-        raise UsageError(f"--socket {path}: the directory {path.parent} does not exist")
+        raise UsageError(f"{flag} {path}: the directory {path.parent} does not exist")
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise UsageError(
-            f"--socket {path}: something that is not a socket is there; remove it or pick another path"
+            f"{flag} {path}: something that is not a socket is there; remove it or pick another path"
         )
+
+
+def _containerd(args: argparse.Namespace, path: Path, files: Path) -> daemon.FrontEnd:
+    """containerd's snapshots API on `path`, for the files the FUSE front end mounts on
+    `files` (it starts first)."""
+    _check_socket_path(path, "--containerd")
+    try:
+        from .containerd import Containerd, service  # noqa: F401 (service: grpcio and protobuf are there)
+    except ImportError as exc:  # pragma: no cover - grpcio or protobuf missing
+        raise UsageError(
+            f"--containerd needs grpcio and protobuf: pip install cowstore[containerd] ({exc})"
+        ) from exc
+
+    def ready(socket_path: str) -> None:
+        if args.json:
+            print(json.dumps({"containerd": socket_path, "files": str(files)}), flush=True)
+        else:
+            print(f"serving containerd's snapshots API at {socket_path}", flush=True)
+
+    return Containerd(str(path), str(files), ready=ready)
 
 
 def _nbd_uri(address: tuple[str, int] | str, key: str) -> str:

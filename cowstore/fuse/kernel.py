@@ -122,9 +122,12 @@ def abort(conn: int) -> bool:
 
 
 def clear_stale(mountpoint: str) -> bool:
-    """Unmount a dead FUSE mount on `mountpoint` (its server was killed); true if one was."""
+    """Unmount a dead FUSE mount on `mountpoint` (its server was killed); true if one was.
+
+    Probed with statfs, which always asks the server: a stat may be answered from the
+    kernel's attribute cache for a while after the server died."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             return False

@@ -1,0 +1,210 @@
+"""The snapshotter containerd sees: every snapshot an ext4 file system on a cowstore volume.
+
+devmapper's model over cowstore: the first Prepare without a parent formats an empty ext4
+once (the template, one per size) and commits it under an internal name; every Prepare
+without a parent is then a child of it, and every Prepare with a parent a child of that
+parent, both O(1) and sharing every chunk. The kernel reaches a snapshot through its file
+in the daemon's FUSE mount point and a loop device that containerd attaches (`Mounts`).
+
+Internal snapshots (templates, and one being formatted) live in the same store under
+`INTERNAL`; containerd never sees them: they are missing from Stat and List, a child of
+one reports no parent, and their names cannot be used as keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from ..errors import Error, FailedPrecondition, InvalidArgument, NotFound
+from ..filters import compile_filters
+from ..fuse import file_name
+from ..store import Store
+from ..types import Info, Kind, Usage
+from ..units import parse_size
+from . import ext4, loop
+
+log = logging.getLogger(__name__)
+
+INTERNAL = "cowstore.containerd/"
+"""Prefix of the snapshots this module keeps for itself."""
+SIZE_LABEL = "containerd.io/snapshot/cowstore.size"
+"""Label that sets a new snapshot's size (bytes, or with a binary suffix: 20G)."""
+
+
+class Unimplemented(Error):
+    """A request cowstore understands but cannot do yet (gRPC UNIMPLEMENTED)."""
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount as containerd performs it (`containerd.types.Mount`)."""
+
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+def is_internal(key: str) -> bool:
+    """Whether `key` names a snapshot this module keeps for itself."""
+    return key.startswith(INTERNAL)
+
+
+class Snapshotter:
+    """containerd's snapshotter calls over `store`, whose files the FUSE mount at `files`
+    shows (the same process serves it)."""
+
+    def __init__(self, store: Store, files: str) -> None:
+        self.store = store
+        self.files = os.path.realpath(files)
+        self._template_lock = threading.Lock()
+        self._drop_unfinished()
+
+    def _drop_unfinished(self) -> None:
+        """Remove templates whose formatting a crash interrupted (still active)."""
+        for info in self.store.walk("kind==active"):
+            if is_internal(info.name):
+                log.info("removing %s, an unfinished template", info.name)
+                self.store.remove(info.name)
+
+    # -- names -----------------------------------------------------------------
+
+    def file(self, key: str) -> str:
+        """The path of snapshot `key`'s file in the FUSE mount point."""
+        return os.path.join(self.files, file_name(key))
+
+    def _public(self, key: str, what: str = "snapshot") -> str:
+        """`key` if containerd may name it; an internal name is as if missing."""
+        if is_internal(key):
+            raise NotFound(f"{what} {key!r} does not exist")
+        return key
+
+    def _new_key(self, key: str) -> str:
+        if is_internal(key):
+            raise InvalidArgument(f"key {key!r}: the prefix {INTERNAL!r} is reserved by cowstore")
+        return key
+
+    def _visible(self, info: Info) -> Info:
+        """`info` as containerd sees it: a child of a template has no parent."""
+        if info.parent is not None and is_internal(info.parent):
+            return replace(info, parent=None)
+        return info
+
+    # -- templates ---------------------------------------------------------------
+
+    def _size(self, labels: Mapping[str, str]) -> int | None:
+        text = labels.get(SIZE_LABEL)
+        if text is None:
+            return None
+        try:
+            return parse_size(text)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"label {SIZE_LABEL}={text!r}: not a size ({exc})") from None
+
+    def _template(self, size: int | None) -> str:
+        """The committed empty ext4 of `size` bytes (default: the store's), made if missing."""
+        size = self.store.default_size if size is None else size
+        name = f"{INTERNAL}ext4-{size}"
+        with self._template_lock:
+            if self.store.exists(name):
+                return name
+            building = f"{INTERNAL}formatting-ext4-{size}"
+            if self.store.exists(building):
+                self.store.remove(building)
+            self.store.prepare(building, size=size).close()
+            try:
+                ext4.format_empty(self.file(building))
+                self.store.commit(name, building)
+            except BaseException:
+                self.store.remove(building)
+                raise
+            log.info("formatted the ext4 template %s", name)
+            return name
+
+    # -- containerd's calls ------------------------------------------------------
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """A new active snapshot: a child of `parent`, or of the empty template."""
+        self._new_key(key)
+        size = self._size(labels)
+        if parent:
+            self._public(parent, "parent snapshot")
+            if size is not None:
+                have = self.store.stat(parent).size
+                if size > have:
+                    raise Unimplemented(
+                        f"label {SIZE_LABEL} asks for {size} bytes, more than the parent's {have}: "
+                        "growing a snapshot is not supported yet"
+                    )
+            base = parent
+        else:
+            base = self._template(size)
+        self.store.prepare(key, base, labels=labels).close()
+        return self.mounts(key)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        """A new read-only view of `parent` (or of an empty file system)."""
+        self._new_key(key)
+        base = self._public(parent, "parent snapshot") if parent else self._template(self._size(labels))
+        self.store.view(key, base, labels=labels).close()
+        return self.mounts(key)
+
+    def mounts(self, key: str) -> list[Mount]:
+        """How to mount `key`: its file through a loop device, read-write or read-only.
+        `noload` lets a committed file system mount read-only without a journal replay."""
+        info = self.store.stat(self._public(key))
+        if info.kind is Kind.COMMITTED:
+            raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")
+        options = ["loop", "rw"] if info.kind is Kind.ACTIVE else ["loop", "ro", "noload"]
+        return [Mount("ext4", self.file(key), options)]
+
+    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        """Commit `key` as `name`. If its file system is mounted (through a loop device on
+        its file), it is frozen meanwhile, so the committed layer is a clean file system."""
+        self._new_key(name)
+        self._public(key)
+        with loop.frozen(loop.mount_points(loop.backed_by(self.file(key)))):
+            self.store.commit(name, key, labels=labels)
+
+    def remove(self, key: str) -> None:
+        """Remove `key`; refused while its file system is mounted, or it has children."""
+        self._public(key)
+        points = loop.mount_points(loop.backed_by(self.file(key)))
+        if points:
+            raise FailedPrecondition(f"cannot remove snapshot {key!r}: it is mounted at {points[0]}")
+        self.store.remove(key)
+
+    def stat(self, key: str) -> Info:
+        return self._visible(self.store.stat(self._public(key)))
+
+    def update(self, info: Info, paths: Sequence[str]) -> Info:
+        """Change labels (all, or those `labels.K` names); nothing else changes."""
+        self._public(info.name)
+        return self._visible(self.store.update(info, *paths))
+
+    def walk(self, filters: Sequence[str]) -> Iterator[Info]:
+        """Every snapshot containerd may see that matches any of `filters`."""
+        match = compile_filters(filters)
+        for info in self.store.walk():
+            if is_internal(info.name):
+                continue
+            info = self._visible(info)
+            fields = {
+                "name": info.name,
+                "kind": info.kind.value,
+                "parent": info.parent or "",
+                "labels": info.labels,
+            }
+            if match(fields):
+                yield info
+
+    def usage(self, key: str) -> Usage:
+        """Bytes `key` holds that its parent does not."""
+        return self.store.usage(self._public(key))
+
+    def cleanup(self) -> None:
+        """Give free space back to the host file system."""
+        self.store.compact()

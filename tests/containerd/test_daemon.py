@@ -1,0 +1,154 @@
+"""`cowstore serve --containerd PATH`: the socket (mode 0600, a stale one replaced, a live
+one refused), the FUSE mount it implies (STORE/files unless --mount), a clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.containerd.conftest import need_fuse_root, need_grpc
+
+TIMEOUT = 60
+
+
+def cowstore(store: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "cowstore", "--store", str(store), *args]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    need_grpc()
+    need_fuse_root()
+    path = tmp_path / "store"
+    subprocess.run(cowstore(path, "init", "--default-size", "64M"), check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture
+def daemon(store: Path, tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    """Daemons a test starts, stopped (SIGTERM, then SIGKILL) at the end."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve(started: list[subprocess.Popen[str]], store: Path, *args: str) -> subprocess.Popen[str]:
+    """Start `cowstore serve` and wait until it says the API is served."""
+    proc = subprocess.Popen(
+        cowstore(store, "serve", *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    started.append(proc)
+    assert proc.stdout is not None
+    said = []
+    for line in proc.stdout:
+        if line.startswith("serving containerd's snapshots API"):
+            return proc
+        said.append(line)
+    proc.wait(TIMEOUT)
+    raise AssertionError(f"cowstore serve exited with {proc.returncode} before serving: {''.join(said)}")
+
+
+def test_serve_containerd(store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path) -> None:
+    import grpc
+
+    from cowstore.containerd.api import snapshots_pb2 as pb
+    from cowstore.containerd.api import snapshots_pb2_grpc
+
+    sock = tmp_path / "snapshots.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # a socket file nobody accepts on: a killed daemon's
+    proc = serve(daemon, store, "--containerd", str(sock))
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert not any(p.name.startswith(".cowstore-") for p in tmp_path.iterdir())
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+        (m,) = stub.Prepare(pb.PrepareSnapshotRequest(key="default/1/a b:c"), timeout=TIMEOUT).mounts
+        assert m.source == str(store / "files" / "default%2F1%2Fa%20b%3Ac")
+        assert os.path.getsize(m.source) == 64 << 20
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Stat(pb.StatSnapshotRequest(key="missing"), timeout=TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    # The other commands go through the daemon meanwhile.
+    ls = subprocess.run(cowstore(store, "ls"), capture_output=True, text=True, timeout=TIMEOUT)
+    assert "default/1/a b:c" in ls.stdout
+    # A second daemon on the same socket is refused (the store is held too).
+    second = subprocess.run(
+        cowstore(store, "serve", "--containerd", str(sock), "--wait", "0"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert second.returncode != 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT) == 0
+    assert not sock.exists()
+    assert not os.path.ismount(store / "files")
+
+
+def test_a_live_socket_is_refused(store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path) -> None:
+    sock = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(sock))
+        live.listen()
+        files = tmp_path / "files"
+        files.mkdir()
+        proc = subprocess.run(
+            cowstore(store, "serve", "--containerd", str(sock), "--mount", str(files)),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    assert proc.returncode != 0 and "in use" in proc.stderr, proc.stderr
+    assert not os.path.ismount(files)
+
+
+def test_restart_clears_what_a_killed_daemon_left(
+    store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """SIGKILL with a snapshot mounted through a loop device: the next daemon clears the dead
+    FUSE mount, the ext4 mount and the loop device, and serves again."""
+    import grpc
+
+    from cowstore.containerd.api import snapshots_pb2 as pb
+    from cowstore.containerd.api import snapshots_pb2_grpc
+
+    sock, files, target = tmp_path / "s.sock", tmp_path / "files", tmp_path / "rootfs"
+    files.mkdir()
+    target.mkdir()
+    proc = serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+        (m,) = stub.Prepare(pb.PrepareSnapshotRequest(key="ctr"), timeout=TIMEOUT).mounts
+    device = subprocess.run(
+        ["losetup", "--find", "--show", m.source], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        subprocess.run(["mount", "-t", "ext4", device, str(target)], check=True)
+        proc.kill()
+        proc.wait(TIMEOUT)
+        serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+        assert not os.path.ismount(target)
+        backing = Path(f"/sys/block/{Path(device).name}/loop/backing_file")
+        assert not backing.exists() or not backing.read_text().startswith(str(files))
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+            assert stub.Stat(pb.StatSnapshotRequest(key="ctr"), timeout=TIMEOUT).info.kind == pb.ACTIVE
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", device], check=False, capture_output=True)

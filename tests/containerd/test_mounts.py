@@ -1,0 +1,89 @@
+"""Snapshots as ext4 mounted through loop devices, as containerd mounts them: a commit while
+mounted freezes the file system (the committed layer is clean), a mounted snapshot is not
+removed, and loop devices a dead daemon left on our files are cleared."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.containerd.conftest import Served
+from tests.containerd.test_service import call, fails
+
+grpc = pytest.importorskip("grpc")
+
+
+@contextlib.contextmanager
+def mounted(m: Any, target: Path) -> Iterator[Path]:
+    """`m` (a Mount message) mounted on `target` as containerd does: a loop device, then mount."""
+    readonly = "ro" in m.options
+    data = ",".join(o for o in m.options if o not in ("loop", "rw", "ro"))
+    device = subprocess.run(
+        ["losetup", "--find", "--show", *(["--read-only"] if readonly else []), m.source],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        target.mkdir(exist_ok=True)
+        options = ",".join(filter(None, ["ro" if readonly else "rw", data]))
+        subprocess.run(["mount", "-t", m.type, "-o", options, device, str(target)], check=True)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_commit_while_mounted_freezes_a_clean_layer(served: Served, tmp_path: Path) -> None:
+    (m,) = call(served, "Prepare", key="layer").mounts
+    with mounted(m, tmp_path / "rw") as root:
+        (root / "hello").write_text("written, not synced\n")
+        (root / "dir").mkdir(mode=0o700)
+        call(served, "Commit", name="committed", key="layer")
+        # A mounted snapshot that is gone: its file answers ESTALE; nothing else breaks.
+    layer = served.store.reader("committed")
+    image = tmp_path / "committed.img"
+    with layer.file() as f, open(image, "wb") as out:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    (v,) = call(served, "View", key="view", parent="committed").mounts
+    with mounted(v, tmp_path / "ro") as root:
+        assert (root / "hello").read_text() == "written, not synced\n"
+        assert sorted(p.name for p in root.iterdir()) == ["dir", "hello"]
+        with pytest.raises(OSError):
+            (root / "new").write_text("x")
+    call(served, "Remove", key="view")
+
+
+def test_a_mounted_snapshot_is_not_removed(served: Served, tmp_path: Path) -> None:
+    (m,) = call(served, "Prepare", key="busy").mounts
+    with mounted(m, tmp_path / "rw"):
+        assert "remove" in fails(served, grpc.StatusCode.FAILED_PRECONDITION, "Remove", key="busy")
+    call(served, "Remove", key="busy")
+
+
+def test_loop_devices_left_on_our_files_are_cleared(served: Served, tmp_path: Path) -> None:
+    from cowstore.containerd import loop
+
+    (m,) = call(served, "Prepare", key="left").mounts
+    target = tmp_path / "left"
+    target.mkdir()
+    device = subprocess.run(
+        ["losetup", "--find", "--show", m.source], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(["mount", "-t", "ext4", device, str(target)], check=True)
+    found = loop.under(str(served.files))
+    assert [lo.name for lo in found] == [Path(device).name]
+    assert loop.mount_points(found) == [str(target)]
+    loop.clear(found)
+    assert loop.under(str(served.files)) == []
+    assert loop.mount_points(found) == []
