@@ -10,7 +10,9 @@ not a read or a write.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import logging
 import os
 import threading
 from types import ModuleType
@@ -24,6 +26,8 @@ if TYPE_CHECKING:
     from ..store import Store
 
 __all__ = ["MAX_IO", "Mount", "file_name", "mount", "server_module", "snapshot_key"]
+
+log = logging.getLogger(__name__)
 
 MAX_IO = 1 << 20
 """The largest read or write the kernel sends in one request."""
@@ -69,6 +73,8 @@ class Mount:
         """Set once the kernel ended the connection: unmounted from outside, or `close`."""
         self._thread = threading.Thread(target=self._serve, name=f"fuse {self.mountpoint}", daemon=True)
         self._thread.start()
+        with _open_lock:
+            _open.add(self)
 
     def _serve(self) -> None:
         try:
@@ -94,6 +100,8 @@ class Mount:
         if self._closed:
             return
         self._closed = True
+        with _open_lock:
+            _open.discard(self)
         if self._thread.is_alive():
             if not kernel.detach(self.mountpoint):
                 kernel.detach(self.mountpoint, lazy=True)
@@ -111,6 +119,26 @@ class Mount:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_open: set[Mount] = set()
+"""Mounts not closed yet, which `_close_at_exit` closes."""
+_open_lock = threading.Lock()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Close the mounts a process left open. Otherwise its exit hangs: closing a file still
+    open in the mount sends FLUSH to a server that is no longer running (its threads are
+    stopped at interpreter shutdown, and the Cython one's may ask for the GIL after it).
+    An error is logged: a mount's connection is ended before its store is flushed."""
+    with _open_lock:
+        mounts = list(_open)
+    for m in mounts:
+        try:
+            m.close()
+        except Exception:
+            log.exception("closing the mount on %s at exit", m.mountpoint)
 
 
 def mount(store: Store, mountpoint: str, *, threads: int = THREADS) -> Mount:

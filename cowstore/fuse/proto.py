@@ -149,6 +149,10 @@ FSYNC_IN = struct.Struct("=QII")
 """fuse_fsync_in: fh, fsync_flags, padding."""
 STATFS_OUT = struct.Struct("=QQQQQIIII24x")
 """fuse_kstatfs: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare."""
+GETXATTR_IN = struct.Struct("=II")
+"""fuse_getxattr_in (GETXATTR, then the name; LISTXATTR): size, padding."""
+GETXATTR_OUT = struct.Struct("=II")
+"""fuse_getxattr_out, the answer to a request of size 0: the size needed, padding."""
 ACCESS_IN = struct.Struct("=II")
 LSEEK_IN = struct.Struct("=QQII")
 """fuse_lseek_in: fh, offset, whence, padding."""

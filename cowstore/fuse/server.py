@@ -80,10 +80,12 @@ REFUSED = frozenset(
         proto.SYMLINK,
         proto.SETXATTR,
         proto.REMOVEXATTR,
-        proto.TMPFILE,
     }
 )
-"""Requests that would change the directory: snapshots change through the store only."""
+"""Requests that would change the directory: snapshots change through the store only.
+(TMPFILE is not one of them: ENOSYS, which the kernel answers with EOPNOTSUPP, as it does
+for libfuse 3.14, which does not know the request; programs then fall back to creating a
+file, which is refused.)"""
 
 
 class _Dir:
@@ -185,6 +187,8 @@ class Server:
             proto.FSYNCDIR: self._nothing,
             proto.STATFS: self._statfs,
             proto.ACCESS: self._access,
+            proto.GETXATTR: self._getxattr,
+            proto.LISTXATTR: self._listxattr,
             proto.LSEEK: self._lseek,
             proto.FALLOCATE: self._fallocate,
         }
@@ -359,6 +363,15 @@ class Server:
     def _access(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
         self.namespace.getattr(nodeid)
         return None
+
+    def _getxattr(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
+        """A file has no extended attributes: ENODATA rather than ENOSYS (which the kernel
+        turns into EOPNOTSUPP), so that `cp -a`, `ls` and tar see none."""
+        raise _error(errno.ENODATA, "a snapshot's file has no extended attributes")
+
+    def _listxattr(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
+        size = proto.GETXATTR_IN.unpack_from(body)[0]
+        return proto.GETXATTR_OUT.pack(0, 0) if size == 0 else b""
 
     def _statfs(self, worker: _Worker, nodeid: int, body: memoryview) -> Reply:
         bsize, blocks, bfree, bavail, files, ffree, namemax = self.namespace.statfs()

@@ -1,7 +1,8 @@
-"""A store mounted with `cowstore.fuse.mount`: the fixtures the FUSE server tests share.
+"""A store mounted with `cowstore.fuse.mount`: the fixtures the FUSE tests share.
 
-`mounted` is engine-agnostic: its store's engine picks the server (`_cserver` for the Cython
-engine, `server` for the pure one); `fuse_engine` says which engines run.
+`mounted` runs once per engine (the suite-wide `engine` fixture), and the store's engine
+picks the server: `_cserver` (Cython, over libfuse) for the Cython engine, `server` (pure
+Python, on /dev/fuse) for the pure one; so every test of the mount holds for both servers.
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import cowstore
 import cowstore.fuse
+from cowstore.fuse import kernel
+from tests.data import pattern
 from tests.tools import need
 
 CHUNK = 64 << 10
-SIZE = 8 << 20
+SIZE = 16 << 20
+KEYS = ("default/1/sha256:base", "rw layer", "view: of base")
+"""The fixture's snapshots: committed, active on it, and a view of it."""
+BASE = pattern(3 * CHUNK, 1)
+"""The committed base's bytes: its first three chunks (the rest reads as zeroes)."""
+WATCHDOG = 120
+"""Seconds a test may take before the fixture aborts its mount's connection, so that a hung
+server fails the test instead of hanging the run."""
 
 
 def _fuse_missing() -> str | None:
@@ -41,6 +52,8 @@ class Mounted:
     mountpoint: Path
     mount: cowstore.fuse.Mount
     directory: Path
+    engine: str
+    hung: threading.Event = field(default_factory=threading.Event)
 
     def path(self, key: str) -> Path:
         return self.mountpoint / cowstore.fuse.file_name(key)
@@ -48,37 +61,54 @@ class Mounted:
     def remount(self) -> None:
         """Unmount, close the store, reopen and mount again (what survives is durable)."""
         self.mount.close()
-        engine = self.store.engine
         self.store.close()
-        self.store = cowstore.open(self.directory, engine=engine)
+        self.store = cowstore.open(self.directory, engine=self.engine)
         self.mount = cowstore.fuse.mount(self.store, str(self.mountpoint))
 
 
-@pytest.fixture(params=["cython"])
-def fuse_engine(request: pytest.FixtureRequest) -> str:
-    """The engines whose FUSE server runs (the Cython one: `_cserver`)."""
+@pytest.fixture
+def mounted(engine: str, tmp_path: Path) -> Iterator[Mounted]:
+    """An on-disk store (64 KiB chunks, 16 MiB snapshots) with `KEYS`, mounted: a committed
+    base holding `BASE`, an active snapshot on it and a view of it. Unmounted and closed at
+    the end, and no mount is left; a test still running after `WATCHDOG` seconds has its
+    connection aborted (its system calls fail) and fails."""
     missing = _fuse_missing()
     if missing is not None:
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-    return request.param
-
-
-@pytest.fixture
-def mounted(fuse_engine: str, tmp_path: Path) -> Iterator[Mounted]:
-    """An on-disk store (64 KiB chunks, 8 MiB snapshots) with an active snapshot `rw`, mounted."""
     directory = tmp_path / "store"
-    store = cowstore.open(directory, create=True, chunk_size=CHUNK, default_size=SIZE, engine=fuse_engine)
-    store.prepare("rw")
+    store = cowstore.open(directory, create=True, chunk_size=CHUNK, default_size=SIZE, engine=engine)
+    base, active, view = KEYS
+    with store.prepare("base-tmp") as v:
+        v.pwrite(BASE, 0)
+    store.commit(base, "base-tmp")
+    store.prepare(active, base).close()
+    store.view(view, base).close()
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    m = Mounted(store, mountpoint, cowstore.fuse.mount(store, str(mountpoint)), directory)
+    m = Mounted(store, mountpoint, cowstore.fuse.mount(store, str(mountpoint)), directory, engine)
+
+    def abort() -> None:
+        m.hung.set()
+        conn = kernel.connection(str(mountpoint))
+        if conn is not None:
+            kernel.abort(conn)
+
+    watchdog = threading.Timer(WATCHDOG, abort)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         yield m
     finally:
-        m.mount.close()
-        m.store.close()
+        watchdog.cancel()
+        try:
+            m.mount.close()
+        finally:
+            m.store.close()
+    assert not kernel.is_mounted(str(mountpoint)), "the mount outlived its fixture"
+    if m.hung.is_set():
+        pytest.fail(f"the mount hung: its connection was aborted after {WATCHDOG} s")
 
 
 @pytest.fixture

@@ -123,6 +123,8 @@ cdef extern from "cs_fuse.h" nogil:
         void (*statfs)(fuse_req_t req, fuse_ino_t ino) noexcept nogil
         void (*setxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, const char *value, size_t size,
                          int flags) noexcept nogil
+        void (*getxattr)(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) noexcept nogil
+        void (*listxattr)(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept nogil
         void (*removexattr)(fuse_req_t req, fuse_ino_t ino, const char *name) noexcept nogil
         void (*access)(fuse_req_t req, fuse_ino_t ino, int mask) noexcept nogil
         void (*create)(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
@@ -134,7 +136,6 @@ cdef extern from "cs_fuse.h" nogil:
         void (*lseek)(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info *fi) noexcept nogil
 
     fuse_session *fuse_session_new(fuse_args *args, const fuse_lowlevel_ops *op, size_t op_size, void *userdata)
-    int fuse_session_mount(fuse_session *se, const char *mountpoint)
     void fuse_session_destroy(fuse_session *se)
     int fuse_session_loop_mt(fuse_session *se, fuse_loop_config *config)
     fuse_loop_config *fuse_loop_cfg_create()
@@ -151,6 +152,7 @@ cdef extern from "cs_fuse.h" nogil:
     int fuse_reply_open(fuse_req_t req, const fuse_file_info *fi)
     int fuse_reply_write(fuse_req_t req, size_t count)
     int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size)
+    int fuse_reply_xattr(fuse_req_t req, size_t count)
     int fuse_reply_statfs(fuse_req_t req, const statvfs *stbuf)
     int fuse_reply_lseek(fuse_req_t req, off_t off)
     size_t fuse_add_direntry(fuse_req_t req, char *buf, size_t bufsize, const char *name,
@@ -160,6 +162,7 @@ cdef extern from "cs_fuse.h" nogil:
 
     void cs_fuse_thread_init()
     unsigned char *cs_fuse_buffer(size_t n)
+    int cs_fuse_session_fd(fuse_session *se, int fd)
 
 
 # An open file's state, in fi->fh: what a read or a write needs, without the GIL.

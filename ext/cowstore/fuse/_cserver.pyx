@@ -11,13 +11,14 @@ shares. The Python side must never be called with the engine's lock held: a writ
 finds the pool full releases it, takes the GIL for `Volume._reclaim` and retries once.
 
 Mounting and unmounting are `cowstore.fuse.kernel`'s: libfuse gets the /dev/fuse
-descriptor as the mount point "/dev/fd/N", so it neither mounts nor unmounts; the loop ends
-when the kernel ends the connection (ENODEV, after an unmount or an abort).
+descriptor with its I/O functions (`fuse_session_custom_io`, ext/include/cs_fuse.h, which
+also asks the kernel to allow shared mappings of direct-I/O files), so it neither mounts
+nor unmounts; the loop ends when the kernel ends the connection (ENODEV, after an unmount
+or an abort).
 """
 
-from cpython.exc cimport PyErr_SetObject, PyErr_WriteUnraisable
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
-from libc.errno cimport (EACCES, EINVAL, EIO, ENOMEM, ENOSPC, ENOTDIR, EPERM, EROFS)
+from libc.errno cimport (EACCES, EINVAL, EIO, ENODATA, ENOMEM, ENOSPC, ENOTDIR, EPERM, EROFS)
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memset
@@ -27,11 +28,14 @@ from posix.unistd cimport W_OK
 
 from cowstore.engines._cengine cimport Engine, Err, Key, VolumeBase
 
+import logging
 import os
 
 from cowstore.errors import Error as _CowstoreError
 from cowstore.fuse.namespace import ROOT as _ROOT
 from cowstore.fuse.namespace import errno_of as _errno_of
+
+_log = logging.getLogger("cowstore.fuse")
 
 ENTRY_TIMEOUT = 0.0
 """Seconds the kernel may trust a name: none, snapshots come and go under it."""
@@ -54,13 +58,12 @@ probe changes them to compare."""
 
 cdef int failed(object exc, object what) noexcept:
     """The errno for `exc`; one that is neither an OSError nor a cowstore error is a bug,
-    reported through sys.unraisablehook."""
+    logged with its traceback (the "cowstore.fuse" logger, as the pure-Python server does)."""
     cdef int code = EIO
     try:
         code = _errno_of(exc)
         if not isinstance(exc, (OSError, _CowstoreError)):
-            PyErr_SetObject(type(exc), exc)
-            PyErr_WriteUnraisable(what)
+            _log.error("FUSE request failed in %s", what, exc_info=exc)
     except BaseException:
         pass
     return code if code > 0 else EIO
@@ -257,13 +260,16 @@ cdef void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi) noexcep
 
 cdef void op_setattr(fuse_req_t req, fuse_ino_t ino, struct_stat *attr, int to_set,
                      fuse_file_info *fi) noexcept with gil:
-    if to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID):
-        reply_err(req, EPERM)
-        return
     server = server_of(req)
     try:
-        size = attr.st_size if to_set & FUSE_SET_ATTR_SIZE else None
-        reply_attr(req, server.namespace.setattr(ino, size), server.attr_timeout)
+        changed = server.namespace.setattr(
+            ino,
+            attr.st_size if to_set & FUSE_SET_ATTR_SIZE else None,
+            mode=attr.st_mode if to_set & FUSE_SET_ATTR_MODE else None,
+            uid=attr.st_uid if to_set & FUSE_SET_ATTR_UID else None,
+            gid=attr.st_gid if to_set & FUSE_SET_ATTR_GID else None,
+        )
+        reply_attr(req, changed, server.attr_timeout)
     except BaseException as exc:
         reply_err(req, failed(exc, "cowstore.fuse._cserver: setattr"))
 
@@ -481,6 +487,21 @@ cdef void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char *name) noexc
     fuse_reply_err(req, EPERM)
 
 
+# -- extended attributes: a file has none ---------------------------------------------------
+# (ENODATA and an empty list rather than ENOSYS, which the kernel turns into EOPNOTSUPP:
+# `cp -a`, `ls` and tar ask, and "no attributes" is the true answer.)
+
+cdef void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) noexcept nogil:
+    fuse_reply_err(req, ENODATA)
+
+
+cdef void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept nogil:
+    if size == 0:
+        fuse_reply_xattr(req, 0)
+    else:
+        fuse_reply_buf(req, NULL, 0)
+
+
 cdef fuse_lowlevel_ops OPS
 memset(&OPS, 0, sizeof(OPS))
 OPS.init = op_init
@@ -510,6 +531,8 @@ OPS.link = op_link
 OPS.create = op_create
 OPS.setxattr = op_setxattr
 OPS.removexattr = op_removexattr
+OPS.getxattr = op_getxattr
+OPS.listxattr = op_listxattr
 
 
 cdef class Server:
@@ -520,6 +543,7 @@ cdef class Server:
         when the server goes unrun); if this raises, the caller still owns it."""
         cdef fuse_args args
         cdef char *argv[2]
+        cdef int rc
         if self.se != NULL:
             raise RuntimeError("a Server is initialised once")
         if threads < 1:
@@ -548,11 +572,11 @@ cdef class Server:
         self.se = fuse_session_new(&args, &OPS, sizeof(OPS), <void *>self)
         if self.se == NULL:
             raise OSError(EIO, "libfuse could not create a session")
-        mountpoint = f"/dev/fd/{fd}".encode()
-        if fuse_session_mount(self.se, mountpoint) != 0:
+        rc = cs_fuse_session_fd(self.se, fd)
+        if rc != 0:
             fuse_session_destroy(self.se)   # it holds no descriptor yet: fd stays the caller's
             self.se = NULL
-            raise OSError(EINVAL, f"libfuse refused the descriptor {fd}")
+            raise OSError(-rc, f"libfuse refused the descriptor {fd}")
 
     def run(self):
         """Serve until the kernel ends the connection; raises OSError on any other end."""
