@@ -169,6 +169,28 @@ class Containerd:
         args += command
         return self.ctr(*args, timeout=timeout)
 
+    def start_detached(self, image: str, name: str, *command: str, snapshotter: str) -> None:
+        """`ctr run -d`: the container's task keeps running; `exec` into it, `remove` it after."""
+        self.ctr(
+            "run", "-d", "--null-io", "--snapshotter", snapshotter, *self.run_options, image, name, *command
+        )
+
+    def exec(self, name: str, exec_id: str, *command: str) -> subprocess.CompletedProcess[str]:
+        fifo = ["--fifo-dir", str(self.workdir / "fifo")]
+        return self.ctr("tasks", "exec", *fifo, "--exec-id", exec_id, name, *command)
+
+    def remove(self, *names: str) -> None:
+        """Kill the containers' tasks (if any) and remove the containers with their snapshots."""
+        for name in names:
+            self.ctr("tasks", "rm", "--force", name, check=False)
+        self.ctr("containers", "rm", *names)
+
+    def collect(self) -> None:
+        """Run containerd's GC now and wait for it: removals only mark snapshots gone, and the
+        snapshotter deletes their data in a later collection (a lease removed with --sync runs one)."""
+        self.ctr("leases", "create", "--id", "collect")
+        self.ctr("leases", "rm", "--sync", "collect")
+
     def gc(self) -> None:
         """Remove every image and prune content; containerd's GC then removes unreferenced snapshots.
 

@@ -310,7 +310,7 @@ class BenchSpec:
     small_share: float = 0.2
     small_min: int = 1 * KiB
     small_max: int = 32 * KiB
-    large: int = 2
+    large: int = 1
     seed: int = 1
 
     @property
