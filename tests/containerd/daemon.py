@@ -38,7 +38,7 @@ def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
 
 
-def config_toml(workdir: Path, proxy_plugins: Mapping[str, str | os.PathLike[str]] = ()) -> str:
+def config_toml(workdir: Path, proxy_plugins: Mapping[str, str | os.PathLike[str]] | None = None) -> str:
     """containerd's config: every path under `workdir`; `proxy_plugins` maps a snapshotter name to
     its plugin's socket."""
     lines = [
@@ -58,7 +58,7 @@ def config_toml(workdir: Path, proxy_plugins: Mapping[str, str | os.PathLike[str
         '[plugins."io.containerd.internal.v1.opt"]',
         f'  path = "{workdir / "opt"}"',
     ]
-    for name, sock in dict(proxy_plugins).items():
+    for name, sock in (proxy_plugins or {}).items():
         lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{sock}"']
     return "\n".join(lines) + "\n"
 
@@ -69,11 +69,11 @@ class Containerd:
     def __init__(
         self,
         workdir: Path,
-        proxy_plugins: Mapping[str, str | os.PathLike[str]] = (),
+        proxy_plugins: Mapping[str, str | os.PathLike[str]] | None = None,
         namespace: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
-        self.proxy_plugins = dict(proxy_plugins)
+        self.proxy_plugins = dict(proxy_plugins or {})
         self.namespace = namespace or f"cowstore-test-{os.getpid()}"
         self.address = self.workdir / "containerd.sock"
         self.root = self.workdir / "root"

@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 BUSYBOX = Path("/bin/busybox")
@@ -328,29 +329,39 @@ class _Noise:
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
+        self.np_rng: Any = None
         try:
             import numpy as np
 
             self.np_rng = np.random.default_rng(seed)
         except ImportError:
-            self.np_rng = None
+            pass
 
     def bytes(self, n: int) -> bytes:
         return self.np_rng.bytes(n) if self.np_rng is not None else self.rng.randbytes(n)
 
 
-def _add(tar: tarfile.TarFile, tree: Tree, path: str, data: bytes | None = None, **kw: object) -> None:
+def _add(
+    tar: tarfile.TarFile,
+    tree: Tree,
+    path: str,
+    data: bytes | None = None,
+    *,
+    mode: int = 0o644,
+    target: str = "",
+) -> None:
+    """A directory (no data, no target), a symlink (`target`) or a small file (`data`)."""
     info = tarfile.TarInfo(path)
     info.mtime = MTIME
     info.uname = info.gname = "root"
-    if data is None and "target" in kw:
-        info.type, info.linkname, info.mode = tarfile.SYMTYPE, str(kw["target"]), 0o777
-        tree[path] = Entry("symlink", 0o777, target=str(kw["target"]))
+    if target:
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        tree[path] = Entry("symlink", 0o777, target=target)
     elif data is None:
         info.type, info.mode = tarfile.DIRTYPE, 0o755
         tree[path] = Entry("dir", 0o755)
     else:
-        info.size, info.mode = len(data), int(kw.get("mode", 0o644))  # type: ignore[call-overload]
+        info.size, info.mode = len(data), mode
         tar.addfile(info, io.BytesIO(data))
         tree[path] = Entry("file", info.mode, len(data), hashlib.sha256(data).hexdigest())
         return
@@ -370,7 +381,7 @@ def _add_large(tar: tarfile.TarFile, tree: Tree, path: str, size: int, noise: _N
         def readable(self) -> bool:
             return True
 
-        def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
             n = min(len(buf), self.left, 8 * MiB)
             piece = noise.bytes(n)
             digest.update(piece)
