@@ -1,9 +1,10 @@
 """The results files: `latest.json` (all figures), `latest.md` (tables and targets), `depth.png` (the plot).
 
 The JSON has one section per producer: `micro` (benchmarks/test_micro.py, merged entry by
-entry, so a partial run updates only what it measured) and `vs_qemu` (benchmarks/vs_qemu.py,
-replaced whole). Every update rewrites the markdown and the plot from the whole JSON, and
-checks the targets of the issue against whatever has been measured.
+entry, so a partial run updates only what it measured), `vs_qemu` (benchmarks/vs_qemu.py),
+`vs_fuse` and `vs_containerd` (benchmarks/vs_fuse.py, vs_containerd.py), each replaced whole.
+Every update rewrites the markdown and the plot from the whole JSON, and checks the targets
+of the issue against whatever has been measured.
 """
 
 from __future__ import annotations
@@ -441,6 +442,59 @@ def fuse_lines(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _containerd_cell(value: float | None, unit: str) -> str:
+    if unit == "s":
+        return seconds(value)
+    if unit == "B":
+        return "-" if value is None else f"{value / 2**20:.1f} MiB"
+    return rate(value, unit)
+
+
+def containerd_lines(section: dict[str, Any]) -> list[str]:
+    """The containerd table: each case's median per snapshotter, and its ratio to overlayfs."""
+    meta = section.get("meta") or {}
+    cfg = meta.get("config") or {}
+    names = list(section.get("contenders") or [])
+    base = "overlayfs"
+    others = [n for n in names if n != base]
+    rows = []
+    for c in section.get("cases") or []:
+        med, r = c.get("median") or {}, c.get("ratios") or {}
+        name = c["case"]
+        if name == "cold read":
+            read = meta.get("cold_read") or {}
+            mib = read.get("bytes", 0) / 2**20
+            name += f" ({len(read.get('paths') or [])} files, one a layer, {mib:.0f} MiB)"
+        elif name == "disk growth":
+            name += f" ({cfg.get('containers')} containers x {cfg.get('write_mib')} MiB written)"
+        elif name == "disk image":
+            name = "disk: the image unpacked"
+        rows.append(
+            [
+                f"{name} ({c.get('better')} is better)",
+                *(_containerd_cell(med.get(n), c["unit"]) for n in names),
+                *(ratio(r.get(f"{n}/{base}")) for n in others),
+            ]
+        )
+    imgs = section.get("images") or {}
+    lines = [
+        f"## Under containerd: snapshotters side by side (rounds: {cfg.get('rounds')}, order rotating, "
+        f"median; {meta.get('started', '?')}; {_build_text(meta)})",
+        "",
+        "Images: "
+        + "; ".join(
+            f"{ref}: {i['layers']} layers, {i['files']} files, {i['bytes'] / 2**20:.0f} MiB"
+            for ref, i in imgs.items()
+        )
+        + f". `ctr run` starts: {cfg.get('runs')} a round.",
+        "",
+        *_table(["case", *names, *(f"{n} / {base}" for n in others)], rows),
+    ]
+    for name, why in (section.get("skipped") or {}).items():
+        lines += ["", f"{name}: not measured ({why})."]
+    return lines
+
+
 def _micro_lines(micro: dict[str, Any]) -> list[str]:
     benches = micro.get("benchmarks") or {}
     by_name: dict[str, dict[str, dict[str, Any]]] = {}
@@ -530,6 +584,8 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += [*_nbd_lines(vs), ""]
     if doc.get("vs_fuse"):
         lines += [*fuse_lines(doc["vs_fuse"]), ""]
+    if doc.get("vs_containerd"):
+        lines += [*containerd_lines(doc["vs_containerd"]), ""]
     micro = doc.get("micro")
     if micro:
         meta = micro.get("meta") or {}

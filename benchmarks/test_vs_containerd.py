@@ -1,0 +1,41 @@
+"""The snapshotters under containerd (benchmarks/vs_containerd.py), run by `make bench`.
+
+`COWSTORE_BENCH_QUICK=1` runs `--quick`; `COWSTORE_CONTAINERD_BENCH_ARGS` passes other
+arguments. Outside CI it is skipped when a tool is missing or not root.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import pytest
+
+from benchmarks import results, vs_containerd
+
+
+def test_vs_containerd(capsys):
+    missing = vs_containerd.missing_tools()
+    if missing or os.geteuid() != 0:
+        why = f"{', '.join(missing)} not installed" if missing else "needs root (containerd, drop_caches)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}, and CI requires it")
+        pytest.skip(why)
+    argv = ["--quick"] if os.environ.get("COWSTORE_BENCH_QUICK") else []
+    argv += shlex.split(os.environ.get("COWSTORE_CONTAINERD_BENCH_ARGS", ""))
+    with capsys.disabled():
+        assert vs_containerd.main(argv) == 0
+
+
+def test_containerd_table_gives_each_contender_a_column_and_a_ratio_to_overlayfs():
+    case = vs_containerd._case("run /bin/true", "s", "lower", {"overlayfs": [0.2, 0.1, 0.3], "native": [0.4]})
+    section = {
+        "cases": [case],
+        "contenders": ["overlayfs", "native"],
+        "skipped": {"cowstore": "no plugin"},
+        "meta": {"config": {"rounds": 3}},
+    }
+    lines = results.containerd_lines(section)
+    assert "| case | overlayfs | native | native / overlayfs |" in lines
+    assert "| run /bin/true (lower is better) | 200 ms | 400 ms | 2.00x |" in lines
+    assert "cowstore: not measured (no plugin)." in lines

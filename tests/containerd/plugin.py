@@ -1,0 +1,93 @@
+"""The cowstore snapshotter plugin as a contender: `cowstore serve --containerd SOCK --store DIR`.
+
+containerd reaches it as the proxy snapshotter `NAME` (`daemon.Containerd(proxy_plugins={NAME:
+SOCK})`); its data is the store directory. `unavailable()` says why it cannot run here (a
+cowstore whose `serve` has no `--containerd`), so tests and benchmarks skip it cleanly until
+the plugin exists, and run it as soon as it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+NAME = "cowstore"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def command() -> list[str]:
+    """`cowstore` through this interpreter, from this checkout (see `env`)."""
+    return [sys.executable, "-m", "cowstore"]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def unavailable() -> str | None:
+    """Why the plugin cannot be started here, or None when it can."""
+    try:
+        proc = subprocess.run(
+            [*command(), "serve", "--help"], capture_output=True, text=True, env=env(), timeout=60
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cowstore serve --help failed: {exc}"
+    if "--containerd" not in proc.stdout:
+        return "this cowstore's serve has no --containerd (the snapshotter plugin is not built yet)"
+    return None
+
+
+def _accepting(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def serving(store: Path, sock: Path, log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run the plugin on `sock` over the store `store` (created first when missing) until the block
+    ends; stopped by its pid (SIGTERM, then SIGKILL)."""
+    if not store.exists():
+        subprocess.run([*command(), "--store", str(store), "init"], check=True, env=env(), timeout=120)
+    log = log or sock.with_suffix(".log")
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [*command(), "serve", "--containerd", str(sock), "--store", str(store)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env(),
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not _accepting(sock):
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"cowstore serve exited with {process.returncode}: {log.read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cowstore serve did not listen on {sock} within {START_TIMEOUT} s")
+            time.sleep(0.05)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
