@@ -317,7 +317,9 @@ def mounted(mounts: list[dict], target: Path) -> Iterator[Path]:
             argv = ["mount", "-t", m["type"], m["source"], str(target)]
             if m.get("options"):
                 argv[1:1] = ["-o", ",".join(m["options"])]
-            subprocess.run(argv, check=True, capture_output=True, timeout=60)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            if proc.returncode:
+                raise AssertionError(f"{argv} failed ({proc.returncode}): {proc.stderr.strip()}")
             done.append(target)
         yield target
     finally:

@@ -1,9 +1,8 @@
-"""The cowstore snapshotter plugin as a contender: `cowstore serve --containerd SOCK --store DIR`.
+"""The cowstore snapshotter plugin as a contender: `cowstore --store DIR serve --containerd SOCK`.
 
 containerd reaches it as the proxy snapshotter `NAME` (`daemon.Containerd(proxy_plugins={NAME:
-SOCK})`); its data is the store directory. `unavailable()` says why it cannot run here (a
-cowstore whose `serve` has no `--containerd`), so tests and benchmarks skip it cleanly until
-the plugin exists, and run it as soon as it does.
+SOCK})`); its data is the store directory, which must not be inside containerd's own
+directory (the plugin's FUSE mount would count as containerd's leftover).
 """
 
 from __future__ import annotations
@@ -36,19 +35,6 @@ def env() -> dict[str, str]:
     }
 
 
-def unavailable() -> str | None:
-    """Why the plugin cannot be started here, or None when it can."""
-    try:
-        proc = subprocess.run(
-            [*command(), "serve", "--help"], capture_output=True, text=True, env=env(), timeout=60
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cowstore serve --help failed: {exc}"
-    if "--containerd" not in proc.stdout:
-        return "this cowstore's serve has no --containerd (the snapshotter plugin is not built yet)"
-    return None
-
-
 def _accepting(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as s:
         try:
@@ -67,7 +53,7 @@ def serving(store: Path, sock: Path, log: Path | None = None) -> Iterator[subpro
     log = log or sock.with_suffix(".log")
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [*command(), "serve", "--containerd", str(sock), "--store", str(store)],
+            [*command(), "--store", str(store), "serve", "--containerd", str(sock)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env(),
