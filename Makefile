@@ -14,11 +14,11 @@ $(STAMP):
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) -m cowstore.demo
+	$(PY) -m demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check cowstore tests benchmarks
-	$(VENV)/bin/ruff format --check cowstore tests benchmarks
+	$(VENV)/bin/ruff check cowstore tests benchmarks demo
+	$(VENV)/bin/ruff format --check cowstore tests benchmarks demo
 	$(PY) -m mypy cowstore
 	$(PY) -m mypy.stubtest cowstore.engines._cengine --allowlist ext/stubtest-allowlist.txt
 	$(PY) -m mypy.stubtest cowstore.fuse._cserver --allowlist ext/stubtest-allowlist.txt
