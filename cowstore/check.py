@@ -126,8 +126,8 @@ def audit(
                 bad.append(Problem(f"parent id {row.parent} does not exist", where))
             elif parent.kind != "committed":
                 bad.append(Problem(f"parent {parent.key!r} is {parent.kind}, not committed", where))
-            elif parent.size != row.size:
-                bad.append(Problem(f"size {row.size} differs from its parent's {parent.size}", where))
+            elif parent.size > row.size:
+                bad.append(Problem(f"size {row.size} is smaller than its parent's {parent.size}", where))
         seen: set[int] = set()
         s: Row | None = row
         while s is not None and s.parent is not None:

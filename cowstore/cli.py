@@ -404,6 +404,17 @@ def _cmd_commit(args: argparse.Namespace) -> int:
     return _change_then_show(args, args.name, lambda store: store.commit(args.name, args.key, labels=labels))
 
 
+@command(
+    "resize",
+    "grow an active snapshot (volumes already open keep their old size)",
+    arg("key"),
+    arg("size", metavar="SIZE", help="the new size, at least the current one (20G, 1048576)"),
+)
+def _cmd_resize(args: argparse.Namespace) -> int:
+    size = parse_size(args.size)
+    return _change_then_show(args, args.key, lambda store: store.resize(args.key, size))
+
+
 @command("rm", "remove snapshots (children before their parents)", arg("keys", nargs="+", metavar="KEY"))
 def _cmd_rm(args: argparse.Namespace) -> int:
     """Removes every key given, saying for each whether it went; children named too go

@@ -22,7 +22,13 @@ FORMAT = "cowstore"
 _SQLITE_FULL = 13
 """SQLite's result code for a full disk: `sqlite3.SQLITE_FULL` and the exceptions'
 `sqlite_errorcode` are new in Python 3.11, so on 3.10 the message says it instead."""
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest format this code reads. A store is created at version 1 and moves to
+`GROWN_VERSION` on its first resize of a child: versions differ only in what they allow."""
+CREATED_VERSION = 1
+GROWN_VERSION = 2
+"""Snapshots may be larger than their parent (`Store.resize`): a release that reads version
+1 only would call such a store damaged, so it is refused by its version instead."""
 
 _SCHEMA = """
 CREATE TABLE settings (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -87,7 +93,7 @@ class Metadata:
                     db.execute(statement)
             db.executemany(
                 "INSERT INTO settings VALUES (?, ?)",
-                [("format", FORMAT), ("version", FORMAT_VERSION), *settings.items()],
+                [("format", FORMAT), ("version", CREATED_VERSION), *settings.items()],
             )
 
     def settings(self, where: str) -> dict[str, int]:
@@ -255,6 +261,15 @@ def update_labels(db: sqlite3.Connection, snapshot_id: int, labels: dict[str, st
         "UPDATE snapshots SET labels = ?, updated = ? WHERE id = ?",
         (json.dumps(labels), updated, snapshot_id),
     )
+
+
+def resize_snapshot(db: sqlite3.Connection, snapshot_id: int, size: int, updated: int) -> None:
+    db.execute("UPDATE snapshots SET size = ?, updated = ? WHERE id = ?", (size, updated, snapshot_id))
+
+
+def require_version(db: sqlite3.Connection, version: int) -> None:
+    """Raise the store's format version to at least `version`."""
+    db.execute("UPDATE settings SET value = ? WHERE name = 'version' AND value < ?", (version, version))
 
 
 def delete_pages(db: sqlite3.Connection, page_ids: Iterable[int]) -> None:

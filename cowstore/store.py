@@ -451,6 +451,52 @@ class Store:
 
             self._persist(lambda db: metadata.rename_snapshot(db, s.id, new_key, s.updated), undo)
 
+    def resize(self, key: str, size: int) -> None:
+        """Grow the active snapshot `key` to `size` bytes; the new bytes read as zeros.
+
+        Only the map's directory grows (by empty pages), so the cost is the new pages, not
+        the size. Shrinking is refused (`InvalidArgument`: the bytes past the new end may be
+        in use), and so are committed snapshots and views (`FailedPrecondition`: children
+        and containerd rely on their size). Volumes already open keep their old size; new
+        handles (`mounts`) see the new one, and so does a child once it is committed.
+        """
+        _check_key(key)
+        size = _check_size(size, self.chunk_size)
+        with self._lock:
+            self._check_writable()
+            s = self._intact(key)
+            if s.kind is not Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is {s.kind.value}: only an active snapshot grows")
+            if size < s.size:
+                raise InvalidArgument(f"snapshot {key!r} has {s.size} bytes: it cannot shrink to {size}")
+            if size == s.size:
+                return
+            cs = self.chunk_size
+            old_chunks, new_chunks = -(-s.size // cs), -(-size // cs)
+            self._zero_tail(s, min(size, old_chunks * cs))
+            self._engine.grow_map(s.id, new_chunks)
+            before = s.size, s.updated
+            s.size, s.updated = size, _now()
+
+            def rows(db: sqlite3.Connection) -> None:
+                metadata.resize_snapshot(db, s.id, s.size, s.updated)
+                if s.parent is not None:
+                    # A child larger than its parent is what older releases cannot read.
+                    metadata.require_version(db, metadata.GROWN_VERSION)
+
+            def undo() -> None:
+                s.size, s.updated = before
+                self._engine.grow_map(s.id, old_chunks)
+
+            self._persist(rows, undo)
+
+    def _zero_tail(self, s: _Snapshot, end: int) -> None:
+        """Zero the bytes of the last chunk past the snapshot's end (up to `end`) before a grow
+        shows them. Volumes never write there, so this normally only reads them (less than a
+        chunk) and writes nothing."""
+        if end > s.size and any(self._engine.pread(s.id, end - s.size, s.size)):
+            self._engine.zero(s.id, s.size, end - s.size)
+
     def exists(self, key: str) -> bool:
         """Whether a snapshot of any kind has this key (or name)."""
         _check_key(key)

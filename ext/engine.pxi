@@ -267,6 +267,20 @@ cdef class Engine:
         if err.kind:
             raise error(&self.st, &err, (map_id,))
 
+    def grow_map(self, map_id, nchunks):
+        """Give the map `nchunks` chunks, the new ones unallocated (read as zeros): only its
+        directory grows, by empty pages. It may shrink back only over unallocated chunks (a
+        grow undone); a map with children cannot change."""
+        cdef Err err = NO_ERROR
+        cdef Key key = lookup_key(map_id)
+        cdef uint64_t n = as_nchunks(&self.st, nchunks, map_id)
+        with nogil:
+            if self.lock(EXCLUSIVE, &err) == 0:
+                map_grow(&self.st, key, n, &err)
+                self.unlock()
+        if err.kind:
+            raise error(&self.st, &err, (map_id,))
+
     def has_map(self, map_id):
         cdef Err err = NO_ERROR
         cdef Key key = lookup_key(map_id)

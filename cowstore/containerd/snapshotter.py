@@ -3,8 +3,11 @@
 devmapper's model over cowstore: the first Prepare without a parent formats an empty ext4
 once (the template, one per size) and commits it under an internal name; every Prepare
 without a parent is then a child of it, and every Prepare with a parent a child of that
-parent, both O(1) and sharing every chunk. The kernel reaches a snapshot through its file
-in the daemon's FUSE mount point and a loop device that containerd attaches (`Mounts`).
+parent, both O(1) and sharing every chunk. A Prepare whose size label asks for more than
+its parent has grows the child (`Store.resize`) and then its ext4 (`resize2fs`); a smaller
+size than the parent's is ignored: a child is at least as large as its parent. The kernel
+reaches a snapshot through its file in the daemon's FUSE mount point and a loop device that
+containerd attaches (`Mounts`).
 
 Internal snapshots (templates, and one being formatted) live in the same store under
 `INTERNAL`; containerd never sees them: they are missing from Stat and List, a child of
@@ -132,18 +135,23 @@ class Snapshotter:
         size = self._size(labels)
         if parent:
             self._public(parent, "parent snapshot")
-            if size is not None:
-                have = self.store.stat(parent).size
-                if size > have:
-                    raise Unimplemented(
-                        f"label {SIZE_LABEL} asks for {size} bytes, more than the parent's {have}: "
-                        "growing a snapshot is not supported yet"
-                    )
             base = parent
         else:
             base = self._template(size)
         self.store.prepare(key, base, labels=labels).close()
+        if parent and size is not None and size > self.store.stat(key).size:
+            self._grow(key, size)
         return self.mounts(key)
+
+    def _grow(self, key: str, size: int) -> None:
+        """Grow the new child `key` to `size` bytes, then its ext4 to fill them, before
+        containerd sees it (no loop device is on its file yet); on failure it goes."""
+        try:
+            self.store.resize(key, size)
+            ext4.grow(self.file(key))
+        except BaseException:
+            self.store.remove(key)
+            raise
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """A new read-only view of `parent` (or of an empty file system)."""

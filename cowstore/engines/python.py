@@ -15,7 +15,9 @@ kept as 1.
 A map may have a parent (`clone_map(..., child=True)`): a copy on write into a chunk whose
 entry is still the parent's writes only the sub-blocks it touches, and the entry, flagged
 PARTIAL, reads the others through the parent (see `SUB_BLOCKS`). A parent therefore cannot
-change or be dropped while it has children.
+change or be dropped while it has children. A child may be larger than its parent
+(`grow_map`): past the parent's end the parent supplies zeros, and entries past a map's end
+compare as unallocated.
 
 Both engines have this exact interface and read and write the same bytes: a page is
 `page_entries` little-endian uint32 slots followed by as many uint32 sums; a map directory
@@ -149,8 +151,8 @@ class Engine:
             raise ValueError(f"pool of {nslots} slots is invalid or exceeds the limit")
         for map_id, parent_id in self._links.items():
             m, parent = self._maps[map_id], self._maps.get(parent_id)
-            if parent is None or parent.nchunks != m.nchunks:
-                raise ValueError(f"map {map_id} names parent {parent_id}: missing or of another size")
+            if parent is None or parent.nchunks > m.nchunks:
+                raise ValueError(f"map {map_id} names parent {parent_id}: missing or larger")
             m.parent = parent
             parent.children += 1
         for m in self._maps.values():
@@ -237,6 +239,28 @@ class Engine:
                 if page is not None:
                     self._unref_page(page)
             self._dirty_maps.discard(map_id)
+
+    def grow_map(self, map_id: int, nchunks: int) -> None:
+        """Give the map `nchunks` chunks, the new ones unallocated (read as zeros): only its
+        directory grows, by empty pages, so the cost is the new pages, not the size. It may
+        shrink back only over unallocated chunks (a grow undone). A map with children cannot
+        change; a grown map may be larger than its parent, which supplies zeros past its end."""
+        with self._lock:
+            m = self._map(map_id)
+            if m.children:
+                raise ValueError(f"map {map_id} has child maps: it cannot change")
+            if nchunks < 0:
+                raise ValueError(f"map {map_id} cannot have {nchunks} chunks")
+            npages = self._npages(nchunks)
+            if nchunks < m.nchunks and (
+                any(p is not None for p in m.pages[npages:])
+                or any(self._entry(m, c) for c in range(nchunks, min(m.nchunks, npages * self._pe)))
+            ):
+                raise ValueError(f"map {map_id} holds chunks past {nchunks}: it cannot shrink")
+            del m.pages[npages:]
+            m.pages.extend([None] * (npages - len(m.pages)))
+            m.nchunks = nchunks
+            self._dirty_maps.add(map_id)
 
     def has_map(self, map_id: int) -> bool:
         return map_id in self._maps
@@ -341,8 +365,8 @@ class Engine:
             for chunk in range(first_chunk, first_chunk + count):
                 depth = 0
                 for k, m in enumerate(maps):
-                    below = self._entry(maps[k + 1], chunk) if k + 1 < len(maps) else 0
-                    if self._entry(m, chunk) != below:
+                    below = self._entry_any(maps[k + 1], chunk) if k + 1 < len(maps) else 0
+                    if self._entry_any(m, chunk) != below:
                         depth = k + 1
                         break
                 allocated = self._entry(maps[0], chunk) != 0
@@ -375,7 +399,7 @@ class Engine:
             count = 0
             for chunk in range(m.nchunks):
                 slot = self._entry(m, chunk)
-                if slot and (parent is None or self._entry(parent, chunk) != slot):
+                if slot and (parent is None or self._entry_any(parent, chunk) != slot):
                     count += 1
             return count
 
@@ -490,6 +514,10 @@ class Engine:
     def _entry(self, m: _Map, chunk: int) -> int:
         page = m.pages[chunk // self._pe]
         return 0 if page is None else page.entries[chunk % self._pe]
+
+    def _entry_any(self, m: _Map, chunk: int) -> int:
+        """The entry of any chunk: 0 past the map's end (a parent smaller than its grown child)."""
+        return self._entry(m, chunk) if chunk < m.nchunks else 0
 
     def _sum(self, m: _Map, chunk: int) -> int:
         page = m.pages[chunk // self._pe]
@@ -676,13 +704,13 @@ class Engine:
         return ((1 << ((hi - lo) // self._sub)) - 1) << (lo // self._sub)
 
     def _parent_entry(self, m: _Map, chunk: int) -> int:
-        return self._entry(m.parent, chunk) if m.parent is not None else 0
+        return self._entry_any(m.parent, chunk) if m.parent is not None else 0
 
     def _read_parent(self, m: _Map, chunk: int, within: int, piece: memoryview) -> None:
         """Bytes of the chunk as the parent map holds them (zeros without a parent)."""
         if not len(piece):
             return
-        if m.parent is None:
+        if m.parent is None or chunk >= m.parent.nchunks:
             piece[:] = self._zeros[: len(piece)]
         else:
             self._read_chunk(m.parent, chunk, within, piece)

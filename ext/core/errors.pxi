@@ -31,6 +31,7 @@ cdef enum:
     E_POOL_LIMIT    # args[0]: the pool size, over max_slots
     E_POOL_INVALID  # args[0]: the pool size, negative
     E_BAD_SLOT      # a: index in args of the slot that is not a freed slot of the pool
+    E_SHRINK        # a: the chunk count a map cannot shrink to (it holds chunks past it)
 
 
 cdef Err NO_ERROR     # zeros: E_OK
@@ -94,11 +95,13 @@ cdef object error(State *st, Err *err, tuple args, object offset=None, object le
     if kind == E_SLOT_BEYOND:
         return ValueError(f"page {err.a} names slot {err.b}, beyond the pool of {args[0]}")
     if kind == E_BAD_PARENT:
-        return ValueError(f"map {err.a} names parent {err.b}: missing, of another size or a loop")
+        return ValueError(f"map {err.a} names parent {err.b}: missing, larger or a loop")
     if kind == E_POOL_LIMIT:
         return ValueError(f"pool of {args[0]} slots exceeds the limit")
     if kind == E_POOL_INVALID:
         return ValueError(f"pool of {args[0]} slots is invalid")
     if kind == E_BAD_SLOT:
         return ValueError(f"slot {args[err.a]} is not a freed slot of the pool")
+    if kind == E_SHRINK:
+        return ValueError(f"map {args[0]} holds chunks past {err.a}: it cannot shrink")
     return SystemError(f"cowstore.engines._cengine: unexpected error {kind}")

@@ -75,7 +75,7 @@ cdef int map_load(State *st, int64_t key, uint64_t nchunks, const void *director
 
 cdef int load_check(State *st, uint64_t n, uint64_t *ndead, Err *err) noexcept nogil:
     """finish_load's checks: every page names slots of a pool of `n`; every named parent
-    exists, has its child's size, and no chain loops. Counts the unreferenced pages."""
+    exists, is no larger than its child (a child may have grown), and no chain loops. Counts the unreferenced pages."""
     cdef size_t i, j
     cdef uint64_t steps
     cdef uint32_t *e
@@ -105,7 +105,7 @@ cdef int load_check(State *st, uint64_t n, uint64_t *ndead, Err *err) noexcept n
             err.b = up.parent_key
             up = <Map *>ht_get(&st.maps, up.parent_key)
             steps += 1
-            if up == NULL or up.nchunks != m.nchunks or up == m or steps > st.maps.n:
+            if up == NULL or up.nchunks > m.nchunks or up == m or steps > st.maps.n:
                 err.kind = E_BAD_PARENT
                 return -1
     err.a = err.b = 0

@@ -96,7 +96,7 @@ cdef int map_read(State *st, Map *m, unsigned char *buf, uint64_t off, uint64_t 
 
 
 cdef inline uint32_t parent_entry(State *st, Map *m, uint64_t chunk) noexcept nogil:
-    return map_entry(st, m.parent, chunk) if m.parent != NULL else 0
+    return map_entry_any(st, m.parent, chunk) if m.parent != NULL else 0
 
 
 cdef inline uint32_t sub_block_bits(State *st, uint64_t lo, uint64_t hi) noexcept nogil:
@@ -106,10 +106,11 @@ cdef inline uint32_t sub_block_bits(State *st, uint64_t lo, uint64_t hi) noexcep
 
 cdef int parent_read(State *st, Map *m, uint64_t chunk, uint64_t within, uint64_t n, unsigned char *buf,
                      Err *err, unsigned char **tmp) noexcept nogil:
-    """Bytes of the chunk as the map's parent holds them (zeros without a parent)."""
+    """Bytes of the chunk as the map's parent holds them (zeros without a parent, or past
+    the end of a parent smaller than its grown child)."""
     if n == 0:
         return 0
-    if m.parent == NULL:
+    if m.parent == NULL or chunk >= m.parent.nchunks:
         memset(buf, 0, n)
         return 0
     return map_read(st, m.parent, buf, chunk * st.cs + within, n, err, tmp)

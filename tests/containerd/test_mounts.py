@@ -5,6 +5,8 @@ removed, and loop devices a dead daemon left on our files are cleared."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +64,31 @@ def test_commit_while_mounted_freezes_a_clean_layer(served: Served, tmp_path: Pa
         with pytest.raises(OSError):
             (root / "new").write_text("x")
     call(served, "Remove", key="view")
+
+
+def test_a_child_prepared_larger_than_its_parent_mounts_with_the_bigger_file_system(
+    served: Served, tmp_path: Path
+) -> None:
+    label = "containerd.io/snapshot/cowstore.size"
+    (m,) = call(served, "Prepare", key="layer").mounts
+    with mounted(m, tmp_path / "rw") as root:
+        (root / "from-parent").write_text("parent's file\n")
+        before = shutil.disk_usage(root).total
+        call(served, "Commit", name="image", key="layer")
+    (m,) = call(served, "Prepare", key="bigger", parent="image", labels={label: "256M"}).mounts
+    assert served.store.stat("bigger").size == 256 << 20
+    with mounted(m, tmp_path / "big") as root:
+        assert (root / "from-parent").read_text() == "parent's file\n"
+        after = shutil.disk_usage(root).total
+        df = subprocess.run(["df", "-B1", "--output=size", str(root)], capture_output=True, text=True)
+        assert int(df.stdout.split()[-1]) == after
+        assert after > 3 * before
+        (root / "past-the-old-end").write_bytes(os.urandom(100 << 20))  # more than the parent held
+    call(served, "Commit", name="grown", key="bigger")
+    assert served.store.stat("grown").size == 256 << 20
+    (v,) = call(served, "View", key="look", parent="grown").mounts
+    with mounted(v, tmp_path / "ro") as root:
+        assert (root / "past-the-old-end").stat().st_size == 100 << 20
 
 
 def test_a_mounted_snapshot_is_not_removed(served: Served, tmp_path: Path) -> None:

@@ -131,9 +131,12 @@ def test_size_label(served: Served) -> None:
     subprocess.run(["e2fsck", "-fn", str(served.file("big"))], check=True, capture_output=True)
     call(served, "Commit", name="c", key="big")
     call(served, "Prepare", key="same", parent="c", labels={label: "128M"})
-    assert "growing" in fails(
-        served, Code.UNIMPLEMENTED, "Prepare", key="x", parent="c", labels={label: "1G"}
-    )
+    call(served, "Prepare", key="smaller", parent="c", labels={label: "64M"})
+    assert os.path.getsize(served.file("smaller")) == 128 << 20
+    call(served, "Prepare", key="grown", parent="c", labels={label: "1G"})
+    assert os.path.getsize(served.file("grown")) == 1 << 30
+    assert call(served, "Stat", key="grown").info.parent == "c"
+    subprocess.run(["e2fsck", "-fn", str(served.file("grown"))], check=True, capture_output=True)
     fails(served, Code.INVALID_ARGUMENT, "Prepare", key="x", labels={label: "lots"})
 
 

@@ -317,6 +317,13 @@ class EnginesAgree(RuleBasedStateMachine):
         self.model[map_id][offset : offset + n] = payload
 
     @precondition(lambda self: self.model)
+    @rule(data=st.data(), more=st.integers(0, 6))
+    def grow(self, data, more):
+        map_id = data.draw(st.sampled_from(sorted(self.model)))
+        self.each("grow_map", map_id, len(self.model[map_id]) // CS + more)
+        self.model[map_id].extend(bytes(more * CS))
+
+    @precondition(lambda self: self.model)
     @rule(data=st.data(), aligned=st.booleans())
     def zero(self, data, aligned):
         map_id = data.draw(st.sampled_from(sorted(self.model)))
@@ -898,6 +905,57 @@ def test_a_parent_cannot_change_or_go_while_it_has_children(engine):
     engine.drop_map(3)
     engine.write(1, b"free again", 0)
     engine.drop_map(1)
+
+
+def test_a_child_grown_past_its_parent_reads_zeros_there_and_reloads():
+    """Both engines: a grown child's new chunks read as zeros, first writes there (partial
+    and whole) read nothing from the parent, and the same durable bytes load in either."""
+    results = []
+    for cls in ENGINES.values():
+        fd = os.memfd_create("cowstore-grow")
+        e = cls(fd, CS, PE)
+        e.create_map(1, 3)  # the last page of map 1 ends inside its span
+        e.write(1, pattern(3 * CS, 1), 0)
+        e.seal(1)
+        e.clone_map(2, 1, child=True)
+        e.write(2, b"cow", 5)
+        e.grow_map(2, 11)
+        e.write(2, b"p", 3 * CS + 7)  # inside the parent's last page, past its end
+        e.write(2, b"q" * CS, 9 * CS)  # pages the parent does not have
+        e.write(2, b"r", 10 * CS + 1)
+        want = bytearray(pattern(3 * CS, 1)) + bytearray(8 * CS)
+        want[5:8] = b"cow"
+        want[3 * CS + 7] = ord("p")
+        want[9 * CS : 10 * CS] = b"q" * CS
+        want[10 * CS + 1] = ord("r")
+        assert e.pread(2, 11 * CS, 0) == want
+        assert e.exclusive_chunks(2, 1) == 4
+        runs = [(1, 1, True), (2, 2, True), (1, 1, True), (5, 0, False), (2, 1, True)]
+        assert e.depth_runs([2, 1], 0, 11) == runs
+        with pytest.raises(ValueError):
+            e.grow_map(2, 10)  # chunk 10 is allocated
+        with pytest.raises(ValueError):
+            e.grow_map(1, 12)  # a parent cannot change
+        changes = e.take_changes()
+        pages, maps = dict(changes.pages), dict(changes.maps)
+        for loader in ENGINES.values():
+            again = loader(fd, CS, PE)
+            for page_id, blob in sorted(pages.items()):
+                again.load_page(page_id, blob)
+            again.load_map(1, 3, maps[1])
+            again.load_map(2, 11, maps[2], 1)
+            again.finish_load(-(-os.fstat(fd).st_size // CS))
+            assert again.pread(2, 11 * CS, 0) == want
+        results.append(changes)
+        bad = cls(fd, CS, PE)
+        for page_id, blob in sorted(pages.items()):
+            bad.load_page(page_id, blob)
+        bad.load_map(1, 3, maps[1], 2)  # a parent larger than its child
+        bad.load_map(2, 11, maps[2])
+        with pytest.raises(ValueError):
+            bad.finish_load(-(-os.fstat(fd).st_size // CS))
+        os.close(fd)
+    assert all(r == results[0] for r in results)
 
 
 def test_a_first_small_write_copies_only_the_sub_blocks_it_touches(engine, data_fd):

@@ -40,9 +40,7 @@ Both engines refuse, before changing anything, a write that would hit `NoSpace`,
 after `finish_load`, a `release` of slots that are not freed slots of the pool, negative
 sizes and an empty chain. This one is stricter still where the reference only fails
 later: slot-refcount changes (write, zero, drop_map) between `load_*` and `finish_load`
-and ids beyond int64 raise ValueError; entries beyond a shorter map's end compare as
-unallocated in depth_runs and exclusive_chunks; a read into read-only memory raises
-TypeError.
+and ids beyond int64 raise ValueError; a read into read-only memory raises TypeError.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -83,5 +81,6 @@ include "core/fileio.pxi"
 include "core/readwrite.pxi"
 include "core/introspection.pxi"
 include "core/load.pxi"
+include "core/grow.pxi"
 include "engine.pxi"
 include "volume.pxi"
