@@ -133,22 +133,15 @@ def test_ctr_snapshots_ls_and_usage_match_what_cowstore_reports(stack: Stack) ->
             key, kind = fields[0], fields[-1]
             parent = fields[1] if len(fields) == 3 else ""
             ctr_view[key] = (parent, kind.lower())
-        ours = {}
+        ours, names = {}, {}
         for s in plugin.snapshots(stack.store):
-            if s["name"].startswith("cowstore.containerd/"):
-                continue  # the internal template: containerd never sees it
-            parent = s["parent"] or ""
-            visible_parent = (
-                "" if parent.startswith("cowstore.containerd/") else plugin.containerd_key(parent)
-            )
-            ours[plugin.containerd_key(s["name"])] = (visible_parent, s["kind"])
+            if is_internal(s["name"]):
+                continue  # the template: containerd never sees it
+            key, parent = plugin.containerd_key(s["name"]), s["parent"] or ""
+            ours[key] = ("" if is_internal(parent) else plugin.containerd_key(parent), s["kind"])
+            names[key] = s["name"]
         assert ctr_view == ours
         assert ctr_view["kept"] == (stack.image.chain_ids()[-1], "active")
-        names = {
-            plugin.containerd_key(s["name"]): s["name"]
-            for s in plugin.snapshots(stack.store)
-            if not is_internal(s["name"])
-        }
         keys = sorted(ctr_view)
         usage = stack.ctrd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "usage", "-b", *keys).stdout
         ctr_sizes = {line.split()[0]: int(line.split()[1]) for line in usage.splitlines()[1:]}
