@@ -1,5 +1,4 @@
-"""Snapshotters side by side under one private containerd: overlayfs, native and (once its plugin
-exists) cowstore.
+"""Snapshotters side by side under one private containerd: overlayfs, native and cowstore.
 
 Per round, each contender in turn (the order rotates every round), from an empty content
 store and no snapshots:
@@ -81,13 +80,12 @@ def missing_tools() -> list[str]:
 @contextlib.contextmanager
 def contenders(
     names: Sequence[str], workdir: Path, log: Log
-) -> Iterator[tuple[daemon.Containerd, list[Contender], dict[str, str]]]:
-    """One containerd serving every contender it can: (daemon, contenders, skipped name → why).
+) -> Iterator[tuple[daemon.Containerd, list[Contender]]]:
+    """One containerd serving every contender: (daemon, contenders).
 
     The cowstore plugin starts first: containerd reaches a proxy plugin on the socket its
     config names.
     """
-    skipped: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         proxies: dict[str, Path] = {}
         for name in names:
@@ -99,12 +97,11 @@ def contenders(
             stack.enter_context(plugin.serving(workdir / "cowstore-store", sock, workdir / "cowstore.log"))
             proxies[name] = sock
         ctrd = stack.enter_context(daemon.Containerd(workdir / "containerd", proxies, namespace="bench"))
-        chosen = [
+        lineup = [
             Contender(n, workdir / "cowstore-store" if n == plugin.NAME else ctrd.snapshotter_root(n))
             for n in names
-            if n not in skipped
         ]
-        yield ctrd, chosen, skipped
+        yield ctrd, lineup
     if ctrd.leftovers:
         log(f"containerd left behind (removed): {ctrd.leftovers}")
 
@@ -240,9 +237,9 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
     def add(case: str, who: str, *values: float) -> None:
         samples.setdefault(case, {}).setdefault(who, []).extend(values)
 
-    with contenders(cfg.contenders, workdir, log) as (ctrd, chosen, skipped):
+    with contenders(cfg.contenders, workdir, log) as (ctrd, lineup):
         for r in range(cfg.rounds):
-            order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)] if chosen else []
+            order = lineup[r % len(lineup) :] + lineup[: r % len(lineup)] if lineup else []
             for who in order:
                 if big is not None:
                     s = import_seconds(ctrd, who, big)
@@ -278,8 +275,7 @@ def run(cfg: Config, workdir: Path, log: Log = print) -> dict[str, Any]:
     described = [image, *([big] if big else [])]
     return {
         "cases": cases,
-        "contenders": [c.name for c in chosen],
-        "skipped": skipped,
+        "contenders": [c.name for c in lineup],
         "images": {
             i.ref: {
                 "layers": len(i.layers),

@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from .. import errors
 from ..types import Info, Kind
 from .api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
-from .snapshotter import Mount, Snapshotter, Unimplemented
+from .snapshotter import Mount, Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
-    (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
     (errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Locked, grpc.StatusCode.UNAVAILABLE),
     (errors.Closed, grpc.StatusCode.UNAVAILABLE),

@@ -11,7 +11,8 @@ containerd attaches (`Mounts`).
 
 Internal snapshots (templates, and one being formatted) live in the same store under
 `INTERNAL`; containerd never sees them: they are missing from Stat and List, a child of
-one reports no parent, and their names cannot be used as keys.
+one reports no parent, and their names cannot be used as keys. `Cleanup` (which containerd
+calls after each collection) removes a template once no snapshot is its child.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import Error, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..filters import compile_filters
 from ..fuse import file_name
 from ..store import Store
@@ -36,10 +37,6 @@ INTERNAL = "cowstore.containerd/"
 """Prefix of the snapshots this module keeps for itself."""
 SIZE_LABEL = "containerd.io/snapshot/cowstore.size"
 """Label that sets a new snapshot's size (bytes, or with a binary suffix: 20G)."""
-
-
-class Unimplemented(Error):
-    """A request cowstore understands but cannot do yet (gRPC UNIMPLEMENTED)."""
 
 
 @dataclass(frozen=True)
@@ -108,24 +105,36 @@ class Snapshotter:
             raise InvalidArgument(f"label {SIZE_LABEL}={text!r}: not a size ({exc})") from None
 
     def _template(self, size: int | None) -> str:
-        """The committed empty ext4 of `size` bytes (default: the store's), made if missing."""
+        """The committed empty ext4 of `size` bytes (default: the store's), made if missing.
+        The caller holds `_template_lock` until it has made its child (see `cleanup`)."""
         size = self.store.default_size if size is None else size
         name = f"{INTERNAL}ext4-{size}"
-        with self._template_lock:
-            if self.store.exists(name):
-                return name
-            building = f"{INTERNAL}formatting-ext4-{size}"
-            if self.store.exists(building):
-                self.store.remove(building)
-            self.store.prepare(building, size=size).close()
-            try:
-                ext4.format_empty(self.file(building))
-                self.store.commit(name, building)
-            except BaseException:
-                self.store.remove(building)
-                raise
-            log.info("formatted the ext4 template %s", name)
+        if self.store.exists(name):
             return name
+        building = f"{INTERNAL}formatting-ext4-{size}"
+        if self.store.exists(building):
+            self.store.remove(building)
+        self.store.prepare(building, size=size).close()
+        try:
+            ext4.format_empty(self.file(building))
+            self.store.commit(name, building)
+        except BaseException:
+            self.store.remove(building)
+            raise
+        log.info("formatted the ext4 template %s", name)
+        return name
+
+    def _drop_unused_templates(self) -> None:
+        """Remove the templates no snapshot is a child of any more."""
+        with self._template_lock:
+            for info in list(self.store.walk("kind==committed")):
+                if not is_internal(info.name):
+                    continue
+                try:
+                    self.store.remove(info.name)
+                except FailedPrecondition:
+                    continue  # it has children
+                log.info("removed the unused template %s", info.name)
 
     # -- containerd's calls ------------------------------------------------------
 
@@ -135,10 +144,10 @@ class Snapshotter:
         size = self._size(labels)
         if parent:
             self._public(parent, "parent snapshot")
-            base = parent
+            self.store.prepare(key, parent, labels=labels).close()
         else:
-            base = self._template(size)
-        self.store.prepare(key, base, labels=labels).close()
+            with self._template_lock:
+                self.store.prepare(key, self._template(size), labels=labels).close()
         if parent and size is not None and size > self.store.stat(key).size:
             self._grow(key, size)
         return self.mounts(key)
@@ -156,8 +165,12 @@ class Snapshotter:
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         """A new read-only view of `parent` (or of an empty file system)."""
         self._new_key(key)
-        base = self._public(parent, "parent snapshot") if parent else self._template(self._size(labels))
-        self.store.view(key, base, labels=labels).close()
+        if parent:
+            self.store.view(key, self._public(parent, "parent snapshot"), labels=labels).close()
+        else:
+            size = self._size(labels)
+            with self._template_lock:
+                self.store.view(key, self._template(size), labels=labels).close()
         return self.mounts(key)
 
     def mounts(self, key: str) -> list[Mount]:
@@ -214,5 +227,7 @@ class Snapshotter:
         return self.store.usage(self._public(key))
 
     def cleanup(self) -> None:
-        """Give free space back to the host file system."""
+        """Remove templates without children (so an empty containerd leaves an empty store),
+        then give free space back to the host file system."""
+        self._drop_unused_templates()
         self.store.compact()

@@ -8,6 +8,7 @@ directory (the plugin's FUSE mount would count as containerd's leftover).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -33,6 +34,28 @@ def env() -> dict[str, str]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
     }
+
+
+def cli(
+    store: Path, *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`cowstore --store STORE ARGS`: through the plugin's control socket while it runs."""
+    proc = subprocess.run(
+        [*command(), "--store", str(store), *args], capture_output=True, text=True, env=env(), timeout=timeout
+    )
+    if check and proc.returncode:
+        raise AssertionError(f"cowstore {' '.join(args)} failed with {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def snapshots(store: Path) -> list[dict]:
+    """`cowstore ls --json`: every snapshot of the store, the plugin's internal ones too."""
+    return json.loads(cli(store, "ls", "--json").stdout)
+
+
+def containerd_key(name: str) -> str:
+    """The key ctr shows for a name the plugin got from containerd (`<namespace>/<seq>/<key>`)."""
+    return name.split("/", 2)[2]
 
 
 def _accepting(path: Path) -> bool:

@@ -152,3 +152,57 @@ def test_restart_clears_what_a_killed_daemon_left(
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
         subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+
+
+def test_bad_requests_to_the_serving_daemon_get_containerd_codes_and_it_goes_on(
+    store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """Through `cowstore serve --containerd` itself: unknown keys NOT_FOUND, a parent that is not
+    committed, a bad filter and a label flood INVALID_ARGUMENT; the daemon serves on."""
+    import grpc
+
+    from cowstore.containerd.api import snapshots_pb2 as pb
+    from cowstore.containerd.api import snapshots_pb2_grpc
+
+    sock = tmp_path / "s.sock"
+    serve(daemon, store, "--containerd", str(sock))
+    Code = grpc.StatusCode
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+
+        def code(method: str, request: object) -> grpc.StatusCode:
+            with pytest.raises(grpc.RpcError) as info:
+                result = getattr(stub, method)(request, timeout=TIMEOUT)
+                if method == "List":
+                    list(result)
+            return info.value.code()
+
+        for method, request in [
+            ("Stat", pb.StatSnapshotRequest(key="missing")),
+            ("Mounts", pb.MountsRequest(key="missing")),
+            ("Remove", pb.RemoveSnapshotRequest(key="missing")),
+            ("Usage", pb.UsageRequest(key="missing")),
+            ("Commit", pb.CommitSnapshotRequest(name="c", key="missing")),
+            ("Update", pb.UpdateSnapshotRequest(info=pb.Info(name="missing"))),
+            ("Prepare", pb.PrepareSnapshotRequest(key="p", parent="missing")),
+            ("View", pb.ViewSnapshotRequest(key="v", parent="missing")),
+        ]:
+            assert code(method, request) == Code.NOT_FOUND, method
+        stub.Prepare(pb.PrepareSnapshotRequest(key="active"), timeout=TIMEOUT)
+        stub.View(pb.ViewSnapshotRequest(key="view"), timeout=TIMEOUT)
+        for parent in ("active", "view"):
+            assert code("Prepare", pb.PrepareSnapshotRequest(key="p", parent=parent)) == Code.INVALID_ARGUMENT
+            assert code("View", pb.ViewSnapshotRequest(key="v", parent=parent)) == Code.INVALID_ARGUMENT
+        assert code("Commit", pb.CommitSnapshotRequest(name="c", key="view")) == Code.FAILED_PRECONDITION
+        for bad in ("kind===", "name~=(", 'labels."open'):
+            assert code("List", pb.ListSnapshotsRequest(filters=[bad])) == Code.INVALID_ARGUMENT, bad
+        flood = {f"k{i}": "v" for i in range(5000)}
+        assert code("Prepare", pb.PrepareSnapshotRequest(key="f", labels=flood)) == Code.INVALID_ARGUMENT
+        assert (
+            code("Update", pb.UpdateSnapshotRequest(info=pb.Info(name="active", labels=flood)))
+            == Code.INVALID_ARGUMENT
+        )
+        names = sorted(
+            i.name for batch in stub.List(pb.ListSnapshotsRequest(), timeout=TIMEOUT) for i in batch.info
+        )
+        assert names == ["active", "view"]

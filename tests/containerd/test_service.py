@@ -228,3 +228,22 @@ def test_usage_and_cleanup(served: Served) -> None:
     assert usage.size >= 256 << 10 and usage.inodes == 0
     call(served, "Remove", key="a")
     call(served, "Cleanup")
+
+
+def test_cleanup_removes_templates_without_children_and_keeps_used_ones(served: Served) -> None:
+    label = "containerd.io/snapshot/cowstore.size"
+    call(served, "Prepare", key="a")
+    call(served, "Commit", name="c", key="a")
+    call(served, "View", key="v", labels={label: "32M"})
+    templates = {f"cowstore.containerd/ext4-{SIZE}", f"cowstore.containerd/ext4-{32 << 20}"}
+    call(served, "Cleanup")
+    assert {i.name for i in served.store.walk()} == {"c", "v", *templates}
+    call(served, "Remove", key="v")
+    call(served, "Cleanup")
+    assert {i.name for i in served.store.walk()} == {"c", f"cowstore.containerd/ext4-{SIZE}"}
+    call(served, "Remove", key="c")
+    call(served, "Cleanup")
+    assert list(served.store.walk()) == []
+    # The next Prepare formats a template again.
+    (m,) = call(served, "Prepare", key="again").mounts
+    subprocess.run(["e2fsck", "-fn", m.source], check=True, capture_output=True)
