@@ -296,11 +296,46 @@ def _fuse_targets(doc: dict[str, Any]) -> list[Target]:
     return out
 
 
+CONTAINERD_GOALS = (("import", "≤", 1.5), ("run", "≤", 1.2), ("cold read", "≥", 0.8))
+"""Under containerd, each case's bound on cowstore / overlayfs (cases by name prefix)."""
+
+
+def _containerd_targets(doc: dict[str, Any]) -> list[Target]:
+    section = doc.get("vs_containerd") or {}
+    cases = section.get("cases") or []
+    out = []
+    for prefix, sign, bound in CONTAINERD_GOALS:
+        goal = f"containerd, {prefix}: cowstore {sign} {bound:g}x overlayfs"
+        found = [
+            (c["case"], (c.get("ratios") or {}).get("cowstore/overlayfs"))
+            for c in cases
+            if c["case"].startswith(prefix)
+        ]
+        found = [(case, r) for case, r in found if r is not None]
+        met = all(r <= bound if sign == "≤" else r >= bound for _, r in found) if found else None
+        out.append(Target(goal, ", ".join(f"{case} {r:.2f}x" for case, r in found) or "not run", met))
+    cfg = (section.get("meta") or {}).get("config") or {}
+    written = (cfg.get("containers") or 0) * (cfg.get("write_mib") or 0) * 2**20
+    growth = next((c for c in cases if c["case"] == "disk growth"), None)
+    goal = "containerd, disk of containers writing N MiB each: cowstore ≤ 1.5x the bytes written"
+    used = ((growth or {}).get("median") or {}).get("cowstore")
+    if used is None or not written:
+        out.append(Target(goal, "not run", None))
+    else:
+        native = (growth.get("median") or {}).get("native")
+        text = f"{used / 2**20:.1f} MiB for {written / 2**20:.0f} MiB written ({used / written:.2f}x)"
+        if native:
+            text += f"; native {native / 2**20:.0f} MiB"
+        out.append(Target(goal, text, used <= 1.5 * written))
+    return out
+
+
 def targets(doc: dict[str, Any]) -> list[Target]:
     return [
         _nbd_target(doc),
         _nbd_write_target(doc),
         *_fuse_targets(doc),
+        *_containerd_targets(doc),
         _inprocess_target(doc),
         _depth_target(doc),
         _prepare_target(doc),
