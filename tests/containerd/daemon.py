@@ -63,6 +63,10 @@ def config_toml(workdir: Path, proxy_plugins: Mapping[str, str | os.PathLike[str
     return "\n".join(lines) + "\n"
 
 
+CAPTURE_DIR = "/run/ctr-capture"
+"""Where a container started by `run_container(capture=True)` writes its standard output."""
+
+
 class Containerd:
     """One private containerd, started by `start()` (or `with`), stopped by its pid."""
 
@@ -154,20 +158,26 @@ class Containerd:
         *command: str,
         snapshotter: str,
         rm: bool = True,
+        capture: bool = True,
         timeout: float = CTR_TIMEOUT,
     ) -> subprocess.CompletedProcess[str]:
-        """`ctr run [--rm] --snapshotter S IMAGE NAME COMMAND…` (no terminal; output captured)."""
-        args = [
-            "run",
-            *(["--rm"] if rm else []),
-            "--snapshotter",
-            snapshotter,
-            *self.run_options,
-            image,
-            name,
-        ]
-        args += command
-        return self.ctr(*args, timeout=timeout)
+        """`ctr run [--rm] --snapshotter S IMAGE NAME COMMAND…` (no terminal).
+
+        With `capture`, the command's standard output is written to a file on a bind mount and
+        returned as the result's stdout: ctr's own copy through FIFOs sometimes loses the output
+        of a short-lived container (containerd#770), which a busy machine makes likely. The
+        command runs under the image's /bin/sh then."""
+        args = ["run", *(["--rm"] if rm else []), "--snapshotter", snapshotter, *self.run_options]
+        if not capture:
+            return self.ctr(*args, image, name, *command, timeout=timeout)
+        out = self.workdir / "out" / name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stdout").unlink(missing_ok=True)
+        args += ["--mount", f"type=bind,src={out},dst={CAPTURE_DIR},options=rbind:rw"]
+        wrapped = ["/bin/sh", "-c", f'exec "$@" >{CAPTURE_DIR}/stdout', "sh", *command]
+        proc = self.ctr(*args, image, name, *wrapped, timeout=timeout)
+        proc.stdout = (out / "stdout").read_text()
+        return proc
 
     def start_detached(self, image: str, name: str, *command: str, snapshotter: str) -> None:
         """`ctr run -d`: the container's task keeps running; `exec` into it, `remove` it after."""
