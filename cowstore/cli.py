@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -1067,8 +1068,29 @@ def _error(exc: BaseException, args: argparse.Namespace) -> None:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
 
 
+LOG_ENV = "COWSTORE_LOG"
+"""Logging to standard error: `LEVEL`, or `LOGGER=LEVEL` pairs separated by commas
+(`cowstore.containerd.service.timing=DEBUG` logs every containerd RPC's duration)."""
+
+
+def _configure_logging(spec: str) -> None:
+    """Set up logging as $COWSTORE_LOG asks (unset: Python's default, warnings and worse)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, level = item.rpartition("=")
+        try:
+            logging.getLogger(name or None).setLevel(level.upper())
+        except ValueError:
+            print(f"{PROG}: ${LOG_ENV}: unknown level {level!r} (ignored)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); returns the exit status."""
+    if os.environ.get(LOG_ENV):
+        _configure_logging(os.environ[LOG_ENV])
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

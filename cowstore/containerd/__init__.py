@@ -125,5 +125,7 @@ class Containerd:
         server.stop(STOP_GRACE).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        if self.snapshotter is not None and not self.snapshotter.store.readonly:
-            self.snapshotter.store.flush()
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+            if not self.snapshotter.store.readonly:
+                self.snapshotter.store.flush()

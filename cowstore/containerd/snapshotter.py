@@ -6,8 +6,10 @@ without a parent is then a child of it, and every Prepare with a parent a child 
 parent, both O(1) and sharing every chunk. A Prepare whose size label asks for more than
 its parent has grows the child (`Store.resize`) and then its ext4 (`resize2fs`); a smaller
 size than the parent's is ignored: a child is at least as large as its parent. The kernel
-reaches a snapshot through its file in the daemon's FUSE mount point and a loop device that
-containerd attaches (`Mounts`).
+reaches a snapshot through its file in the daemon's FUSE mount point and a loop device on
+it, which the snapshotter attaches at the first `Mounts` and holds until the snapshot is
+committed or removed (`loop.attach`): every mount of it (ctr's, then the shim's) is then a
+plain ext4 mount of that device.
 
 Internal snapshots (templates, and one being formatted) live in the same store under
 `INTERNAL`; containerd never sees them: they are missing from Stat and List, a child of
@@ -61,6 +63,8 @@ class Snapshotter:
         self.store = store
         self.files = os.path.realpath(files)
         self._template_lock = threading.Lock()
+        self._loops: dict[str, loop.Held] = {}
+        self._loops_lock = threading.Lock()
         self._drop_unfinished()
 
     def _drop_unfinished(self) -> None:
@@ -174,13 +178,42 @@ class Snapshotter:
         return self.mounts(key)
 
     def mounts(self, key: str) -> list[Mount]:
-        """How to mount `key`: its file through a loop device, read-write or read-only.
+        """How to mount `key`: the loop device on its file, read-write or read-only.
         `noload` lets a committed file system mount read-only without a journal replay."""
         info = self.store.stat(self._public(key))
         if info.kind is Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")
-        options = ["loop", "rw"] if info.kind is Kind.ACTIVE else ["loop", "ro", "noload"]
-        return [Mount("ext4", self.file(key), options)]
+        readonly = info.kind is not Kind.ACTIVE
+        options = ["ro", "noload"] if readonly else ["rw"]
+        return [Mount("ext4", self._device(key, readonly), options)]
+
+    def _device(self, key: str, readonly: bool) -> str:
+        """The loop device held on `key`'s file, attached first if there is none (or it was
+        detached from outside)."""
+        path = self.file(key)
+        with self._loops_lock:
+            held = self._loops.get(key)
+            if held is not None and loop.attached(held, path):
+                return held.path
+            if held is not None:
+                del self._loops[key]
+                loop.release(held)
+            held = self._loops[key] = loop.attach(path, readonly=readonly)
+            return held.path
+
+    def _release(self, key: str) -> None:
+        """Stop holding `key`'s loop device (it detaches once nothing mounts it)."""
+        with self._loops_lock:
+            held = self._loops.pop(key, None)
+        if held is not None:
+            loop.release(held)
+
+    def close(self) -> None:
+        """Release every loop device held: those not mounted detach now."""
+        with self._loops_lock:
+            held, self._loops = list(self._loops.values()), {}
+        for h in held:
+            loop.release(h)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """Commit `key` as `name`. If its file system is mounted (through a loop device on
@@ -189,6 +222,7 @@ class Snapshotter:
         self._public(key)
         with loop.frozen(loop.mount_points(loop.backed_by(self.file(key)))):
             self.store.commit(name, key, labels=labels)
+        self._release(key)
 
     def remove(self, key: str) -> None:
         """Remove `key`; refused while its file system is mounted, or it has children."""
@@ -196,6 +230,7 @@ class Snapshotter:
         points = loop.mount_points(loop.backed_by(self.file(key)))
         if points:
             raise FailedPrecondition(f"cannot remove snapshot {key!r}: it is mounted at {points[0]}")
+        self._release(key)
         self.store.remove(key)
 
     def stat(self, key: str) -> Info:

@@ -55,6 +55,10 @@ class Served:
     def file(self, key: str) -> Path:
         return self.files / cowstore.fuse.file_name(key)
 
+    def backing(self, device: str) -> Path:
+        """The file the loop device `device` (a Mount's source) is attached to."""
+        return Path((Path("/sys/block") / Path(device).name / "loop" / "backing_file").read_text().strip())
+
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
@@ -71,7 +75,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
     files.mkdir()
     mount = cowstore.fuse.mount(store, str(files))
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    service.add_to_server(service.Servicer(Snapshotter(store, str(files))), server)
+    snapshotter = Snapshotter(store, str(files))
+    service.add_to_server(service.Servicer(snapshotter), server)
     sock = tmp_path / "snapshots.sock"
     server.add_insecure_port(f"unix:{sock}")
     server.start()
@@ -81,5 +86,6 @@ def served(tmp_path: Path) -> Iterator[Served]:
     finally:
         channel.close()
         server.stop(None).wait()
+        snapshotter.close()
         mount.close()
         store.close()
