@@ -415,11 +415,16 @@ cdef int io_overwrite_fresh(State *st, Key key, bint fits, int64_t off, int64_t 
                             Err *err) noexcept nogil:
     """1 when the write was done (or failed) as an overwrite of a fresh slot through the
     mapping; 0, with nothing changed, when it needs the general path (it allocates, copies,
-    crosses a chunk, clears a sum, or the slot is not fresh)."""
+    crosses a chunk, clears a sum, needs the parent's bytes, or the slot is not fresh).
+
+    A write into a partial chunk may bring it sub-blocks it lacks when it covers them
+    whole (chunk_write_in_place's case without edges): random 4 KiB writes into a layer
+    mostly land so, in chunks an earlier write allocated."""
     cdef Map *m = io_map(st, key, fits, off, n, err)
-    cdef uint64_t chunk, within
+    cdef uint64_t chunk, within, lo, hi, sub = st.sub
     cdef Page *page
-    cdef uint32_t slot, want
+    cdef uint32_t slot, want, bits = 0
+    cdef bint gains = 0
     if m == NULL:
         return 1
     if st.loading or n == 0 or m.children:
@@ -433,10 +438,17 @@ cdef int io_overwrite_fresh(State *st, Key key, bint fits, int64_t off, int64_t 
         return 0
     slot = ents(page)[chunk % st.pe]
     if slot & FMT_PARTIAL:
-        # Only sub-blocks the chunk has: the file holds their bytes.
-        want = sub_block_bits(st, within / st.sub * st.sub, (within + n + st.sub - 1) / st.sub * st.sub)
-        if (sums(st, page)[chunk % st.pe] & want) != want:
-            return 0
+        lo = within / sub * sub
+        hi = (within + <uint64_t>n + sub - 1) / sub * sub
+        want = sub_block_bits(st, lo, hi)
+        bits = sums(st, page)[chunk % st.pe]
+        if (bits & want) != want:
+            # Sub-blocks the chunk lacks, covered whole: nothing to bring from the parent.
+            if within > lo and not (bits >> (lo / sub)) & 1:
+                return 0
+            if within + <uint64_t>n < hi and not (bits >> (hi / sub - 1)) & 1:
+                return 0
+            gains = 1
         slot &= FMT_SLOT_MASK
     elif sums(st, page)[chunk % st.pe]:
         return 0
@@ -446,8 +458,19 @@ cdef int io_overwrite_fresh(State *st, Key key, bint fits, int64_t off, int64_t 
         return 0
     if <uint64_t>n == st.cs and is_zero(data, <uint64_t>n):
         return 0
+    if gains and dirty_pages_reserve(st, 1):
+        return 0
     st.running = 1
-    data_overwrite(st, slot, data, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within, err)
+    if data_overwrite(st, slot, data, <uint64_t>n, (<uint64_t>slot - 1) * st.cs + within, err) < 0 or not gains:
+        return 1
+    # The entry claims the new sub-blocks only once their bytes are written.
+    bits |= want
+    if bits == FMT_FULL_BITS:
+        ents(page)[chunk % st.pe] = slot
+        sums(st, page)[chunk % st.pe] = 0
+    else:
+        sums(st, page)[chunk % st.pe] = bits
+    page_mark_dirty(st, page)
     return 1
 
 

@@ -1056,6 +1056,42 @@ def test_an_overwrite_of_a_slot_handed_over_by_take_changes_is_a_pwrite(file_fd)
     assert os.pread(file_fd, 6, 8 * CS + 9) == b"mapped"
 
 
+def test_writes_that_bring_a_fresh_partial_chunk_sub_blocks_keep_the_parents_bytes_between(
+    engine_class, file_fd
+):
+    """Random 4 KiB writes into a child land mostly in chunks an earlier write made partial,
+    bringing them sub-blocks they lack (the Cython engine does those covering whole
+    sub-blocks on its fast path, with the GIL held). The parent keeps supplying the rest, a
+    write with edges brings the parent's bytes around it, and the chunk is whole once every
+    sub-block is written."""
+    cs = 64 * 1024
+    engine = engine_class(file_fd, cs, PE)
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * cs, 1), 0)
+    engine.seal(1)
+    engine.clone_map(2, 1, child=True)
+    model = bytearray(pattern(2 * cs, 1))
+
+    def write(data: bytes, off: int) -> None:
+        engine.write(2, data, off)
+        model[off : off + len(data)] = data
+        assert engine.pread(2, 2 * cs, 0) == model
+
+    write(b"\x11" * 4096, 8192)  # allocates: a partial chunk
+    write(b"\x66" * 4096, 2 * cs - 4096)  # and another, so the file holds the first whole
+    write(b"\x22" * 4096, 16384)  # new sub-blocks, covered whole
+    write(b"\x33" * 2048, 30720)  # one new sub-block
+    write(b"\x44" * 100, 40000)  # new sub-block with edges from the parent
+    write(b"\x55" * 4096, 8192)  # sub-blocks the chunk has
+    entries = array.array("I", engine.take_changes().pages[-1][1])
+    assert entries[0] & PARTIAL
+    for off in range(0, cs, 4096):
+        write(bytes([off // 4096 + 1]) * 4096, off)
+    entries = array.array("I", engine.take_changes().pages[-1][1])
+    assert entries[0] and not entries[0] & PARTIAL
+    assert engine.pread(1, 2 * cs, 0) == pattern(2 * cs, 1)
+
+
 def test_preallocation_reserves_past_the_end_within_the_pool_limit(engine_class, file_fd):
     engine = engine_class(file_fd, CS, PE)
     with pytest.raises(ValueError):

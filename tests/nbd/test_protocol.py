@@ -700,3 +700,39 @@ def test_flush_and_fua_from_several_connections_survive_sigkill_of_the_server(tm
             assert v.pread(4096, k * 4096) == pattern(4096, k)
         for i in range(4):
             assert v.pread(4096, 32 * CHUNK + i * 4096) == pattern(4096, 99)
+
+
+def test_a_flush_after_pipelined_writes_answers_once_all_of_them_are_durable(tmp_path):
+    """A client that sends a burst of writes and a FLUSH without waiting gets the FLUSH's
+    reply after the writes' replies, and everything it covers survives a SIGKILL of the
+    server right after it; likewise a FUA write at the end of a burst. The writes land in a
+    fresh layer on a parent, mostly in chunks an earlier write of the burst made partial."""
+    path = tmp_path / "store"
+    with cowstore.open(path, create=True, chunk_size=CHUNK) as s:
+        s.prepare("base", size=SIZE).pwrite(pattern(SIZE, 1), 0)
+        s.commit("base-1", "base")
+        s.prepare("vol", "base-1")
+    model = bytearray(pattern(SIZE, 1))
+    blocks = [(k * 7919) % (SIZE // 4096) for k in range(96)]
+    with serving_process(path) as (sock_path, _):
+        c = connect(sock_path, "vol")
+        burst = b""
+        for cookie, block in enumerate(blocks[:64], start=1):
+            data = pattern(4096, 100 + cookie)
+            model[block * 4096 : block * 4096 + 4096] = data
+            burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_WRITE, cookie, block * 4096, 4096) + data
+        burst += P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_FLUSH, 1000, 0, 0)
+        c.sock.sendall(burst)
+        cookies = [c.reply()[:2] for _ in range(65)]
+        assert cookies[-1] == (1000, 0)
+        assert sorted(cookies[:-1]) == [(k, 0) for k in range(1, 65)]
+        burst = b""
+        for cookie, block in enumerate(blocks[64:], start=65):
+            data = pattern(4096, 100 + cookie)
+            model[block * 4096 : block * 4096 + 4096] = data
+            flags = P.CMD_FLAG_FUA if cookie == len(blocks) else 0
+            burst += P.REQUEST.pack(P.REQUEST_MAGIC, flags, P.CMD_WRITE, cookie, block * 4096, 4096) + data
+        c.sock.sendall(burst)
+        assert sorted(c.reply()[:2] for _ in blocks[64:]) == [(k, 0) for k in range(65, len(blocks) + 1)]
+    with cowstore.open(path) as s:
+        assert s.mounts("vol").pread(SIZE, 0) == model
