@@ -1,4 +1,16 @@
-"""Loop devices and mounts of snapshot files, as the kernel reports them.
+"""Loop devices and mounts of snapshot files: the kernel side of a snapshot, done from a child
+process so that the daemon never waits on its own FUSE files.
+
+The rule: the daemon serves the FUSE mount whose files back the loop devices, so no thread of
+it may make a syscall that the kernel answers by asking that FUSE mount (opening or statting a
+snapshot file, LOOP_CONFIGURE, which statfs-es the file, FIFREEZE/FITHAW of a file system on
+such a loop device, the last close of the device). Killed (SIGKILL) while such a request is
+out, the waiting thread is uninterruptible and the daemon's /dev/fuse descriptor, whose release
+would abort the connection, goes only once that thread exits: a zombie that never dies. So
+each such call runs in a short-lived helper (this file run as a script, stdlib only, `_helper`);
+a helper stuck on FUSE is freed by the connection abort when the daemon dies. The daemon only
+reads sysfs and mountinfo, and holds the loop device's descriptor (a block device: holding it
+asks FUSE nothing; its last close is done by a child, `release`).
 
 The snapshotter attaches one loop device to a snapshot's FUSE file (`attach`: autoclear,
 held open read-only by the daemon) and hands containerd the device, which mounts the ext4
@@ -18,8 +30,10 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -103,9 +117,8 @@ def _configure(device: int, backing: int, flags: int, name: str) -> None:
         raise
 
 
-def attach(path: str, *, readonly: bool) -> Held:
-    """A free loop device bound to the file `path` (autoclear; read-only for `readonly`),
-    held open read-only by this process until `release`."""
+def _attach_here(path: str, readonly: bool) -> Held:
+    """`attach`, in the helper: the device is held open read-only by this process."""
     flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if readonly else 0)
     backing = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
@@ -134,6 +147,14 @@ def attach(path: str, *, readonly: bool) -> Held:
         os.close(backing)
 
 
+def attach(path: str, *, readonly: bool) -> Held:
+    """A free loop device bound to the file `path` (autoclear; read-only for `readonly`),
+    held open read-only by this process until `release`. A helper opens the file and binds
+    it, then passes the device's descriptor back."""
+    device, fds = _helper("attach", path, "ro" if readonly else "rw", fds=1)
+    return Held(device, fds[0])
+
+
 def attached(held: Held, path: str) -> bool:
     """Whether the device `held` is still bound to the file `path`."""
     try:
@@ -143,9 +164,18 @@ def attached(held: Held, path: str) -> bool:
         return False
 
 
-def release(held: Held) -> None:
-    """Stop holding the device: it detaches now, or when its last mount goes."""
-    os.close(held.fd)
+def release(*held: Held) -> None:
+    """Stop holding the devices: each detaches now, or when its last mount goes. A helper
+    inherits them and closes them last: a last close flushes and detaches the device."""
+    if not held:
+        return
+    fds = [h.fd for h in held]
+    try:
+        child = subprocess.Popen(["true"], pass_fds=fds, stdin=subprocess.DEVNULL)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    child.wait()
 
 
 def backed_by(path: str) -> list[Loop]:
@@ -185,48 +215,140 @@ def mount_points(devices: Sequence[Loop]) -> list[str]:
 def frozen(points: Sequence[str]) -> Iterator[None]:
     """File systems at `points` frozen (FIFREEZE) for the duration: writes are flushed through
     the loop device, the journal is checkpointed and new writes wait, so the bytes beneath
-    are a clean file system. A mount that went away meanwhile is skipped."""
-    thaw: list[int] = []
+    are a clean file system. A mount that went away meanwhile, or one frozen already (by
+    someone else), is skipped. Each freeze and thaw is done by a helper."""
+    thaw: list[str] = []
     try:
         for point in points:
-            try:
-                fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError as exc:
-                log.warning("cannot open %s to freeze it: %s", point, exc)
-                continue
-            try:
-                fcntl.ioctl(fd, FIFREEZE, 0)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno != errno.EBUSY:  # EBUSY: frozen already (by someone else)
-                    raise
-                continue
-            thaw.append(fd)
+            answer, _ = _helper("freeze", point)
+            if answer == "frozen":
+                thaw.append(point)
+            else:
+                log.warning("not freezing %s: %s", point, answer)
         yield
     finally:
-        for fd in thaw:
+        for point in thaw:
             try:
-                fcntl.ioctl(fd, FITHAW, 0)
+                _helper("thaw", point)
             except OSError as exc:
-                log.warning("thawing a frozen file system failed: %s", exc)
-            finally:
-                os.close(fd)
+                log.warning("thawing %s failed: %s", point, exc)
 
 
 def clear(devices: Sequence[Loop]) -> None:
     """Unmount (lazily) every mount of `devices` and detach them: left by a daemon that died,
-    they can only fail (their FUSE connection is gone)."""
+    they can only fail (their FUSE connection is gone). A helper detaches them."""
     for point in mount_points(devices):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    for lo in devices:
+    if devices:
+        answer, _ = _helper("clear", *(lo.name for lo in devices))
+        if answer:
+            log.warning("detaching loop devices: %s", answer)
+
+
+# -- the helper ----------------------------------------------------------------------------
+
+HELPER_TIMEOUT = 600.0
+"""Seconds a helper may take (a freeze flushes every dirty page of the file system)."""
+
+
+def _helper(op: str, *args: str, fds: int = 0) -> tuple[str, list[int]]:
+    """Run `op` with `args` in a child (this file as a script; stdlib only, so it starts in
+    a few hundredths of a second). Returns its answer and the `fds` descriptors it passed
+    back (SCM_RIGHTS); its failure is raised as the OSError it met."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        with theirs:
+            child = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), op, str(theirs.fileno()), *args],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
         try:
-            fd = os.open(f"/dev/{lo.name}", os.O_RDONLY)
+            message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
+        finally:
+            code = child.wait(HELPER_TIMEOUT)
+    if code != 0 and not message:
+        raise OSError(errno.EIO, f"the loop helper ({op} {' '.join(args)}) exited with {code}")
+    for fd in received:
+        os.set_inheritable(fd, False)  # SCM_RIGHTS descriptors arrive without close-on-exec
+    status, _, text = message.decode(errors="replace").partition(" ")
+    if status != "ok":
+        for fd in received:
+            os.close(fd)
+        raise OSError(int(status), text)
+    if len(received) != fds:
+        for fd in received:
+            os.close(fd)
+        raise OSError(errno.EIO, f"the loop helper ({op}) passed {len(received)} descriptors, not {fds}")
+    return text, received
+
+
+def _freeze_here(point: str) -> str:
+    try:
+        fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return f"cannot open it: {exc}"
+    try:
+        fcntl.ioctl(fd, FIFREEZE, 0)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        return "frozen already"
+    finally:
+        os.close(fd)
+    return "frozen"
+
+
+def _thaw_here(point: str) -> str:
+    fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, FITHAW, 0)
+    finally:
+        os.close(fd)
+    return ""
+
+
+def _clear_here(*names: str) -> str:
+    failed = []
+    for name in names:
+        try:
+            fd = os.open(f"/dev/{name}", os.O_RDONLY)
         except OSError:
             continue
         try:
             fcntl.ioctl(fd, LOOP_CLR_FD, 0)
         except OSError as exc:
             if exc.errno not in (errno.ENXIO, errno.EBUSY):
-                log.warning("detaching %s failed: %s", lo.name, exc)
+                failed.append(f"{name}: {exc}")
         finally:
             os.close(fd)
+    return "; ".join(failed)
+
+
+def _main(argv: list[str]) -> int:
+    """The helper: `OP FD ARGS...`; answers on the socket FD `ok TEXT` (and descriptors),
+    or `ERRNO MESSAGE`."""
+    op, fd, args = argv[0], int(argv[1]), argv[2:]
+    with socket.socket(fileno=fd) as answer:
+        passed: list[int] = []
+        try:
+            if op == "attach":
+                held = _attach_here(args[0], args[1] == "ro")
+                text, passed = held.path, [held.fd]
+            elif op == "freeze":
+                text = _freeze_here(args[0])
+            elif op == "thaw":
+                text = _thaw_here(args[0])
+            elif op == "clear":
+                text = _clear_here(*args)
+            else:
+                raise OSError(errno.EINVAL, f"no helper operation {op!r}")
+        except OSError as exc:
+            answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
+            return 1
+        socket.send_fds(answer, [f"ok {text}".encode()], passed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -212,8 +212,7 @@ class Snapshotter:
         """Release every loop device held: those not mounted detach now."""
         with self._loops_lock:
             held, self._loops = list(self._loops.values()), {}
-        for h in held:
-            loop.release(h)
+        loop.release(*held)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """Commit `key` as `name`. If its file system is mounted (through a loop device on
