@@ -216,22 +216,21 @@ def frozen(points: Sequence[str]) -> Iterator[None]:
     """File systems at `points` frozen (FIFREEZE) for the duration: writes are flushed through
     the loop device, the journal is checkpointed and new writes wait, so the bytes beneath
     are a clean file system. A mount that went away meanwhile, or one frozen already (by
-    someone else), is skipped. Each freeze and thaw is done by a helper."""
-    thaw: list[str] = []
-    try:
-        for point in points:
-            answer, _ = _helper("freeze", point)
-            if answer == "frozen":
-                thaw.append(point)
-            else:
-                log.warning("not freezing %s: %s", point, answer)
+    someone else), is skipped. A helper freezes them and thaws them when told, or when this
+    process dies (a killed daemon leaves nothing frozen)."""
+    if not points:
         yield
-    finally:
-        for point in thaw:
-            try:
-                _helper("thaw", point)
-            except OSError as exc:
-                log.warning("thawing %s failed: %s", point, exc)
+        return
+    with _spawn("freeze", *points) as (ours, child):
+        message = ours.recv(65536)
+        status, _, text = message.decode(errors="replace").partition(" ")
+        if status != "ok":
+            child.wait(HELPER_TIMEOUT)
+            _raise(status, text, f"freeze {' '.join(points)}", child.returncode)
+        if text:
+            log.warning("not freezing: %s", text)
+        yield
+    # Closing our end told the helper to thaw; `_spawn` waited for it.
 
 
 def clear(devices: Sequence[Loop]) -> None:
@@ -251,10 +250,11 @@ HELPER_TIMEOUT = 600.0
 """Seconds a helper may take (a freeze flushes every dirty page of the file system)."""
 
 
-def _helper(op: str, *args: str, fds: int = 0) -> tuple[str, list[int]]:
-    """Run `op` with `args` in a child (this file as a script; stdlib only, so it starts in
-    a few hundredths of a second). Returns its answer and the `fds` descriptors it passed
-    back (SCM_RIGHTS); its failure is raised as the OSError it met."""
+@contextlib.contextmanager
+def _spawn(op: str, *args: str) -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
+    """The helper (this file as a script, stdlib only: it starts in a few hundredths of a
+    second) running `op` with `args`, and our end of its socket, closed (its end-of-file)
+    before the helper is waited for."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours:
         with theirs:
@@ -264,48 +264,66 @@ def _helper(op: str, *args: str, fds: int = 0) -> tuple[str, list[int]]:
                 stdin=subprocess.DEVNULL,
             )
         try:
-            message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
+            yield ours, child
         finally:
-            code = child.wait(HELPER_TIMEOUT)
-    if code != 0 and not message:
-        raise OSError(errno.EIO, f"the loop helper ({op} {' '.join(args)}) exited with {code}")
+            ours.close()
+            child.wait(HELPER_TIMEOUT)
+
+
+def _raise(status: str, text: str, what: str, code: int | None) -> None:
+    """The helper's failure as the OSError it met (`ERRNO MESSAGE`), or as EIO if it said nothing."""
+    if status.isdigit():
+        raise OSError(int(status), text)
+    raise OSError(errno.EIO, f"the loop helper ({what}) exited with {code} without an answer")
+
+
+def _helper(op: str, *args: str, fds: int = 0) -> tuple[str, list[int]]:
+    """Run `op` with `args` in a helper; returns its answer and the `fds` descriptors it
+    passed back (SCM_RIGHTS); its failure is raised as the OSError it met."""
+    with _spawn(op, *args) as (ours, child):
+        message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
     for fd in received:
         os.set_inheritable(fd, False)  # SCM_RIGHTS descriptors arrive without close-on-exec
     status, _, text = message.decode(errors="replace").partition(" ")
-    if status != "ok":
+    if status != "ok" or len(received) != fds:
         for fd in received:
             os.close(fd)
-        raise OSError(int(status), text)
-    if len(received) != fds:
-        for fd in received:
-            os.close(fd)
-        raise OSError(errno.EIO, f"the loop helper ({op}) passed {len(received)} descriptors, not {fds}")
+        if status == "ok":
+            raise OSError(errno.EIO, f"the loop helper ({op}) passed {len(received)} descriptors, not {fds}")
+        _raise(status, text, f"{op} {' '.join(args)}", child.returncode)
     return text, received
 
 
-def _freeze_here(point: str) -> str:
+def _freeze_here(answer: socket.socket, points: Sequence[str]) -> None:
+    """Freeze `points`, answer `ok NOTES`, wait for end-of-file (the daemon done, or dead),
+    thaw what it froze."""
+    frozen: list[int] = []
+    notes = []
     try:
-        fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        return f"cannot open it: {exc}"
-    try:
-        fcntl.ioctl(fd, FIFREEZE, 0)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        return "frozen already"
+        for point in points:
+            try:
+                fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                notes.append(f"cannot open {point}: {exc}")
+                continue
+            try:
+                fcntl.ioctl(fd, FIFREEZE, 0)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno != errno.EBUSY:
+                    raise
+                notes.append(f"{point} is frozen already")
+                continue
+            frozen.append(fd)
+        answer.send(f"ok {'; '.join(notes)}".encode())
+        answer.recv(1)
     finally:
-        os.close(fd)
-    return "frozen"
-
-
-def _thaw_here(point: str) -> str:
-    fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.ioctl(fd, FITHAW, 0)
-    finally:
-        os.close(fd)
-    return ""
+        for fd in frozen:
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as exc:
+                print(f"cowstore loop helper: thawing failed: {exc}", file=sys.stderr)
+            os.close(fd)
 
 
 def _clear_here(*names: str) -> str:
@@ -336,15 +354,15 @@ def _main(argv: list[str]) -> int:
                 held = _attach_here(args[0], args[1] == "ro")
                 text, passed = held.path, [held.fd]
             elif op == "freeze":
-                text = _freeze_here(args[0])
-            elif op == "thaw":
-                text = _thaw_here(args[0])
+                _freeze_here(answer, args)
+                return 0
             elif op == "clear":
                 text = _clear_here(*args)
             else:
                 raise OSError(errno.EINVAL, f"no helper operation {op!r}")
         except OSError as exc:
-            answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
+            with contextlib.suppress(OSError):
+                answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
             return 1
         socket.send_fds(answer, [f"ok {text}".encode()], passed)
     return 0

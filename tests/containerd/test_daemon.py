@@ -4,13 +4,17 @@ one refused), the FUSE mount it implies (STORE/files unless --mount), a clean st
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,3 +209,82 @@ def test_bad_requests_to_the_serving_daemon_get_containerd_codes_and_it_goes_on(
             i.name for batch in stub.List(pb.ListSnapshotsRequest(), timeout=TIMEOUT) for i in batch.info
         )
         assert names == ["active", "view"]
+
+
+KILLS = 6
+"""Rounds of `test_sigkill_mid_attach_or_freeze_never_leaves_an_unkillable_daemon`."""
+DEATH_TIMEOUT = 5.0
+
+
+def _churn(stub: Any, pb: Any, target: Path, stop: threading.Event) -> None:
+    """Until the daemon dies: Prepare and Mounts (a loop attach), mount, write unsynced data,
+    Commit while mounted (a freeze that flushes it through FUSE), unmount, Remove."""
+    import grpc
+
+    n = 0
+    try:
+        while not stop.is_set():
+            n += 1
+            key = f"churn-{n}-{random.randrange(1 << 30)}"
+            (m,) = stub.Prepare(pb.PrepareSnapshotRequest(key=key), timeout=TIMEOUT).mounts
+            stub.Mounts(pb.MountsRequest(key=key), timeout=TIMEOUT)
+            if subprocess.run(["mount", "-t", "ext4", m.source, str(target)], capture_output=True).returncode:
+                return
+            try:
+                with open(target / "data", "wb") as f:
+                    f.write(os.urandom(8 << 20))
+                stub.Commit(pb.CommitSnapshotRequest(name=f"{key}-c", key=key), timeout=TIMEOUT)
+            finally:
+                subprocess.run(["umount", "-l", str(target)], capture_output=True)
+            stub.Remove(pb.RemoveSnapshotRequest(key=f"{key}-c"), timeout=TIMEOUT)
+    except (grpc.RpcError, OSError):
+        return
+
+
+def test_sigkill_mid_attach_or_freeze_never_leaves_an_unkillable_daemon(
+    store: Path, daemon: list[subprocess.Popen[str]], tmp_path: Path
+) -> None:
+    """SIGKILL at random moments of Prepare/Mounts (loop attach) and Commit of a mounted
+    snapshot (freeze): the daemon is gone within seconds each time (it never waits on its
+    own FUSE files, which would leave it an unkillable zombie), and the next one serves."""
+    import grpc
+
+    from cowstore.containerd.api import snapshots_pb2 as pb
+    from cowstore.containerd.api import snapshots_pb2_grpc
+    from cowstore.fuse import kernel
+
+    sock, files, target = tmp_path / "s.sock", tmp_path / "files", tmp_path / "rootfs"
+    files.mkdir()
+    target.mkdir()
+    rng = random.Random(0)
+    try:
+        for _ in range(KILLS):
+            proc = serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+            stop = threading.Event()
+            with grpc.insecure_channel(f"unix:{sock}") as channel:
+                stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+                worker = threading.Thread(target=_churn, args=(stub, pb, target, stop))
+                worker.start()
+                time.sleep(rng.uniform(0.05, 1.5))
+                proc.kill()
+                try:
+                    proc.wait(DEATH_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    conn = kernel.connection(str(files))
+                    if conn is not None:
+                        kernel.abort(conn)  # free the stuck thread, so the test can clean up
+                    proc.wait(TIMEOUT)
+                    raise AssertionError(
+                        "the killed daemon outlived SIGKILL: it waited on its own FUSE"
+                    ) from None
+                finally:
+                    stop.set()
+                    worker.join(TIMEOUT)
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        proc = serve(daemon, store, "--containerd", str(sock), "--mount", str(files))
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = snapshots_pb2_grpc.SnapshotsStub(channel)
+            stub.Prepare(pb.PrepareSnapshotRequest(key="after"), timeout=TIMEOUT)
+            assert stub.Stat(pb.StatSnapshotRequest(key="after"), timeout=TIMEOUT).info.kind == pb.ACTIVE
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False, capture_output=True)
