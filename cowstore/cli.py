@@ -920,14 +920,16 @@ def _cmd_mount(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace, mountpoint: Path, *, threads: int) -> daemon.Fuse:
     """The FUSE front end, which says what it mounted once the files are there. A dead mount
     left on `mountpoint` by a killed daemon is cleared first."""
-    from .fuse import kernel
+    from .fuse import file_name, kernel
 
     kernel.clear_stale(str(mountpoint))
     if not mountpoint.is_dir():
         raise UsageError(f"mount point {mountpoint} is not a directory")
 
     def ready(m: Any) -> None:
-        names = sorted(os.listdir(m.mountpoint))
+        # From the store, not the mount: the daemon never waits on its own FUSE files (a
+        # SIGKILL then could not end it; see cowstore/containerd/loop.py).
+        names = sorted(file_name(info.name) for info in m.store.walk())
         if args.json:
             print(json.dumps({"mountpoint": m.mountpoint, "files": names}), flush=True)
         else:
