@@ -615,6 +615,14 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += [*_inprocess_lines(vs), ""]
         if vs.get("nbd"):
             lines += [*_nbd_lines(vs), ""]
+            nbd_meta = vs.get("meta_nbd")
+            if nbd_meta:
+                # A run of the NBD cases alone (vs_qemu.run without the in-process part),
+                # merged over an earlier full run.
+                lines += [
+                    f"NBD rows from a later run: {nbd_meta.get('started', '?')}; {_build_text(nbd_meta)}.",
+                    "",
+                ]
     if doc.get("vs_fuse"):
         lines += [*fuse_lines(doc["vs_fuse"]), ""]
     if doc.get("vs_containerd"):

@@ -81,6 +81,17 @@ def test_every_snapshot_is_a_file_named_by_its_quoted_key(mounted: Mounted) -> N
     assert not os.path.exists(mounted.path("a/b c:d")), "an active snapshot's file outlived its commit"
 
 
+def test_names_that_are_no_snapshot_s_file_do_not_exist(mounted: Mounted) -> None:
+    """Only the canonical quoting of a key names its file: another spelling of the same key,
+    a name that is not UTF-8 or a path below a file is ENOENT or ENOTDIR, never that file."""
+    root = os.fsencode(mounted.mountpoint)
+    for name in (b"default%2f1%2fsha256%3abase", b"rw+layer", b"rw%20layer%", b"\xff\xfe", b"." * 3):
+        with pytest.raises(FileNotFoundError):
+            os.open(root + b"/" + name, os.O_RDONLY)
+    with pytest.raises(NotADirectoryError):
+        os.stat(os.path.join(mounted.path(KEYS[1]), "below"))
+
+
 def test_sizes_modes_and_blocks_follow_the_snapshot(mounted: Mounted) -> None:
     base, active, view = KEYS
     root = os.stat(mounted.mountpoint)
