@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,31 @@ def update(
     if plot:
         draw(doc, directory / PNG_NAME)
     return doc
+
+
+def measure(
+    section: str,
+    run: Callable[[Path], dict[str, Any]],
+    lines: Callable[[dict[str, Any]], list[str]],
+    *,
+    workdir: Path | None,
+    directory: Path = RESULTS_DIR,
+) -> int:
+    """Run a side-by-side in a fresh directory under `workdir` (default /var/tmp), removed
+    after; store what it returns as `section` and print its table (`lines`)."""
+    parent = workdir or Path("/var/tmp")
+    parent.mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix=f"cowstore-{section.replace('_', '-')}-", dir=parent))
+    print(f"{section}: working in {base}", flush=True)
+    try:
+        data = run(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    doc = update(section, data, directory)
+    print()
+    print("\n".join(lines(doc[section])))
+    print(f"{section}: results in {directory}")
+    return 0
 
 
 # -- formatting ---------------------------------------------------------------

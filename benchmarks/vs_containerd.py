@@ -28,7 +28,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -331,19 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = f"missing tools: {', '.join(missing)}" if missing else "containerd and drop_caches need root"
         print(f"vs_containerd: {why}", file=sys.stderr)
         return 2
-    parent = args.workdir or Path("/var/tmp")
-    parent.mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="cowstore-vs-ctrd-", dir=parent))
-    print(f"vs_containerd: {cfg}\nvs_containerd: working in {base}", flush=True)
-    try:
-        section = run(cfg, base, log=lambda line: print(line, flush=True))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    doc = results.update("vs_containerd", section, args.results)
-    print()
-    print("\n".join(results.containerd_lines(doc["vs_containerd"])))
-    print(f"vs_containerd: results in {args.results}")
-    return 0
+    print(f"vs_containerd: {cfg}", flush=True)
+    return results.measure(
+        "vs_containerd",
+        lambda base: run(cfg, base, log=lambda line: print(line, flush=True)),
+        results.containerd_lines,
+        workdir=args.workdir,
+        directory=args.results,
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -398,19 +397,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = f"missing tools: {', '.join(missing)}" if missing else "loop devices and drop_caches need root"
         print(f"vs_fuse: {why}", file=sys.stderr)
         return 2
-    parent = args.workdir or Path("/var/tmp")
-    parent.mkdir(parents=True, exist_ok=True)
-    base = Path(tempfile.mkdtemp(prefix="cowstore-vs-fuse-", dir=parent))
-    print(f"vs_fuse: {cfg}\nvs_fuse: working in {base}", flush=True)
-    try:
-        section = run(cfg, base, log=lambda line: print(line, flush=True))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-    doc = results.update("vs_fuse", section, args.results)
-    print()
-    print("\n".join(results.fuse_lines(doc["vs_fuse"])))
-    print(f"vs_fuse: results in {args.results}")
-    return 0
+    print(f"vs_fuse: {cfg}", flush=True)
+    return results.measure(
+        "vs_fuse",
+        lambda base: run(cfg, base, log=lambda line: print(line, flush=True)),
+        results.fuse_lines,
+        workdir=args.workdir,
+        directory=args.results,
+    )
 
 
 if __name__ == "__main__":
