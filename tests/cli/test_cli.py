@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,6 +23,7 @@ from cowstore import cli, rawimage
 from cowstore.check import CheckReport
 from tests.conftest import CHUNK, SIZE
 from tests.console import command, env
+from tests.tools import need
 
 
 @dataclass
@@ -492,14 +492,6 @@ def _merged(extents: list[dict]) -> list[dict]:
         else:
             out.append(e)
     return out
-
-
-def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs {', '.join(missing)}")
-        pytest.skip(f"{', '.join(missing)} not installed")
 
 
 def test_map_json_equals_qemu_img_map_of_the_same_qcow2_chain(run, made, tmp_path):
