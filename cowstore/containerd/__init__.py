@@ -69,7 +69,8 @@ def clear_stale(files: str) -> None:
     stale = loop.under(os.path.realpath(files))
     if stale:
         log.warning("clearing %d loop devices left on %s: %s", len(stale), files, stale)
-        loop.clear(stale)
+        with loop.Helpers() as helpers:
+            helpers.clear(stale)
 
 
 class Containerd:

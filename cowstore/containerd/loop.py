@@ -7,10 +7,11 @@ snapshot file, LOOP_CONFIGURE, which statfs-es the file, FIFREEZE/FITHAW of a fi
 such a loop device, the last close of the device). Killed (SIGKILL) while such a request is
 out, the waiting thread is uninterruptible and the daemon's /dev/fuse descriptor, whose release
 would abort the connection, goes only once that thread exits: a zombie that never dies. So
-each such call runs in a short-lived helper (this file run as a script, stdlib only, `_helper`);
-a helper stuck on FUSE is freed by the connection abort when the daemon dies. The daemon only
-reads sysfs and mountinfo, and holds the loop device's descriptor (a block device: holding it
-asks FUSE nothing; its last close is done by a child, `release`).
+each such call runs in a short-lived helper process (`Helpers`: forked by a small fork
+server, this file run as a script); a helper stuck on FUSE is freed by the connection abort
+when the daemon dies. The daemon only reads sysfs and mountinfo, and holds the loop device's
+descriptor (a block device: holding it asks FUSE nothing; its last close is done by a
+helper, `release`).
 
 The snapshotter attaches one loop device to a snapshot's FUSE file (`attach`: autoclear,
 held open read-only by the daemon) and hands containerd the device, which mounts the ext4
@@ -18,7 +19,7 @@ on it. Holding the device open keeps its page cache and its attachment across th
 one `ctr run` (ctr's own, then the shim's): no attach (LOOP_SET_STATUS64 freezes the queue,
 tens of milliseconds) and no cold superblock and inode table reads through FUSE per mount.
 Closing the held descriptor detaches the device once nothing mounts it (autoclear).
-These helpers find devices again from sysfs (`/sys/block/loop*/loop/backing_file`) and
+The functions here find devices again from sysfs (`/sys/block/loop*/loop/backing_file`) and
 `/proc/self/mountinfo`, to freeze a file system that is committed while mounted, to refuse
 removing a mounted snapshot, and to clear what a killed daemon left behind.
 """
@@ -30,10 +31,13 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -147,14 +151,6 @@ def _attach_here(path: str, readonly: bool) -> Held:
         os.close(backing)
 
 
-def attach(path: str, *, readonly: bool) -> Held:
-    """A free loop device bound to the file `path` (autoclear; read-only for `readonly`),
-    held open read-only by this process until `release`. A helper opens the file and binds
-    it, then passes the device's descriptor back."""
-    device, fds = _helper("attach", path, "ro" if readonly else "rw", fds=1)
-    return Held(device, fds[0])
-
-
 def attached(held: Held, path: str) -> bool:
     """Whether the device `held` is still bound to the file `path`."""
     try:
@@ -162,20 +158,6 @@ def attached(held: Held, path: str) -> bool:
             return f.read().rstrip("\n") == path
     except OSError:
         return False
-
-
-def release(*held: Held) -> None:
-    """Stop holding the devices: each detaches now, or when its last mount goes. A helper
-    inherits them and closes them last: a last close flushes and detaches the device."""
-    if not held:
-        return
-    fds = [h.fd for h in held]
-    try:
-        child = subprocess.Popen(["true"], pass_fds=fds, stdin=subprocess.DEVNULL)
-    finally:
-        for fd in fds:
-            os.close(fd)
-    child.wait()
 
 
 def backed_by(path: str) -> list[Loop]:
@@ -211,87 +193,162 @@ def mount_points(devices: Sequence[Loop]) -> list[str]:
     return points
 
 
-@contextlib.contextmanager
-def frozen(points: Sequence[str]) -> Iterator[None]:
-    """File systems at `points` frozen (FIFREEZE) for the duration: writes are flushed through
-    the loop device, the journal is checkpointed and new writes wait, so the bytes beneath
-    are a clean file system. A mount that went away meanwhile, or one frozen already (by
-    someone else), is skipped. A helper freezes them and thaws them when told, or when this
-    process dies (a killed daemon leaves nothing frozen)."""
-    if not points:
-        yield
-        return
-    with _spawn("freeze", *points) as (ours, child):
-        message = ours.recv(65536)
-        status, _, text = message.decode(errors="replace").partition(" ")
-        if status != "ok":
-            child.wait(HELPER_TIMEOUT)
-            _raise(status, text, f"freeze {' '.join(points)}", child.returncode)
-        if text:
-            log.warning("not freezing: %s", text)
-        yield
-    # Closing our end told the helper to thaw; `_spawn` waited for it.
-
-
-def clear(devices: Sequence[Loop]) -> None:
-    """Unmount (lazily) every mount of `devices` and detach them: left by a daemon that died,
-    they can only fail (their FUSE connection is gone). A helper detaches them."""
-    for point in mount_points(devices):
-        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
-    if devices:
-        answer, _ = _helper("clear", *(lo.name for lo in devices))
-        if answer:
-            log.warning("detaching loop devices: %s", answer)
-
-
-# -- the helper ----------------------------------------------------------------------------
-
 HELPER_TIMEOUT = 600.0
 """Seconds a helper may take (a freeze flushes every dirty page of the file system)."""
+MAX_PASSED = 200
+"""Descriptors handed to one helper (the kernel passes at most 253 in a message)."""
 
 
-@contextlib.contextmanager
-def _spawn(op: str, *args: str) -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
-    """The helper (this file as a script, stdlib only: it starts in a few hundredths of a
-    second) running `op` with `args`, and our end of its socket, closed (its end-of-file)
-    before the helper is waited for."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours:
+class Helpers:
+    """Short-lived helper processes for the calls that may ask our FUSE mount, each forked
+    by one long-lived process (this file run as a script, stdlib only) that never makes such
+    a call itself: a fork costs a millisecond where starting Python costs tens.
+
+    Each call sends the fork server a request (`OP\\0ARG...`, with one end of a fresh socket
+    pair and any descriptors the helper needs); the helper answers on that socket and its
+    exit closes it. The server exits when this object closes, or this process dies.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: subprocess.Popen[bytes] | None = None
+        self._requests: socket.socket | None = None
+
+    def __enter__(self) -> Helpers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the fork server (helpers at work finish on their own)."""
+        with self._lock:
+            server, requests = self._server, self._requests
+            self._server = self._requests = None
+        if requests is not None:
+            requests.close()
+        if server is not None:
+            server.wait(HELPER_TIMEOUT)
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            child = subprocess.Popen(
-                [sys.executable, "-I", "-S", os.path.abspath(__file__), op, str(theirs.fileno()), *args],
+            self._server = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
             )
+        self._requests = ours
+        return ours
+
+    def _send(self, request: bytes, fds: list[int]) -> None:
+        """Hand a request to the fork server, starting it (again, if it died) first."""
+        for attempt in (1, 2):
+            with self._lock:
+                requests = self._requests or self._start()
+                try:
+                    socket.send_fds(requests, [request], fds)
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    if attempt == 2:
+                        raise
+                    requests.close()
+                    self._requests = None
+                    if self._server is not None:
+                        self._server.wait(HELPER_TIMEOUT)
+
+    @contextlib.contextmanager
+    def _spawn(self, op: str, *args: str, fds: Sequence[int] = ()) -> Iterator[socket.socket]:
+        """A helper running `op` with `args` (and `fds`), and our end of its socket; on leaving,
+        our end is shut for writing (the helper's end-of-file) and the helper's exit awaited."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours:
+            with theirs:
+                self._send("\0".join((op, *args)).encode(), [theirs.fileno(), *fds])
+            try:
+                yield ours
+            finally:
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_WR)
+                ours.settimeout(HELPER_TIMEOUT)
+                while ours.recv(65536):
+                    pass
+
+    def _call(self, op: str, *args: str, fds: int = 0, passing: Sequence[int] = ()) -> tuple[str, list[int]]:
+        """Run `op` with `args` in a helper, handing it `passing`; returns its answer and the
+        `fds` descriptors it passed back (SCM_RIGHTS); its failure is raised as the OSError
+        it met."""
+        with self._spawn(op, *args, fds=passing) as ours:
+            message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
+        for fd in received:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS descriptors arrive without close-on-exec
+        status, _, text = message.decode(errors="replace").partition(" ")
+        if status != "ok" or len(received) != fds:
+            for fd in received:
+                os.close(fd)
+            if status == "ok":
+                status, text = str(errno.EIO), f"passed {len(received)} descriptors, not {fds}"
+            _raise(status, text, f"{op} {' '.join(args)}")
+        return text, received
+
+    def attach(self, path: str, *, readonly: bool) -> Held:
+        """A free loop device bound to the file `path` (autoclear; read-only for `readonly`),
+        held open read-only by this process until `release`. A helper opens the file and
+        binds it, then passes the device's descriptor back."""
+        device, fds = self._call("attach", path, "ro" if readonly else "rw", fds=1)
+        return Held(device, fds[0])
+
+    def release(self, *held: Held) -> None:
+        """Stop holding the devices: each detaches now, or when its last mount goes. A helper
+        is handed them and closes them last: a last close flushes and detaches the device."""
+        if not held:
+            return
+        fds = [h.fd for h in held]
         try:
-            yield ours, child
+            for first in range(0, len(fds), MAX_PASSED):
+                self._call("release", passing=fds[first : first + MAX_PASSED])
         finally:
-            ours.close()
-            child.wait(HELPER_TIMEOUT)
+            for fd in fds:
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def frozen(self, points: Sequence[str]) -> Iterator[None]:
+        """File systems at `points` frozen (FIFREEZE) for the duration: writes are flushed
+        through the loop device, the journal is checkpointed and new writes wait, so the
+        bytes beneath are a clean file system. A mount that went away meanwhile, or one
+        frozen already (by someone else), is skipped. A helper freezes them and thaws them
+        at its end-of-file: when we are done, or dead (a killed daemon leaves nothing frozen)."""
+        if not points:
+            yield
+            return
+        with self._spawn("freeze", *points) as ours:
+            message = ours.recv(65536)
+            status, _, text = message.decode(errors="replace").partition(" ")
+            if status != "ok":
+                _raise(status, text, f"freeze {' '.join(points)}")
+            if text:
+                log.warning("not freezing: %s", text)
+            yield
+
+    def clear(self, devices: Sequence[Loop]) -> None:
+        """Unmount (lazily) every mount of `devices` and detach them: left by a daemon that
+        died, they can only fail (their FUSE connection is gone). A helper detaches them."""
+        for point in mount_points(devices):
+            subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+        if devices:
+            answer, _ = self._call("clear", *(lo.name for lo in devices))
+            if answer:
+                log.warning("detaching loop devices: %s", answer)
 
 
-def _raise(status: str, text: str, what: str, code: int | None) -> None:
+def _raise(status: str, text: str, what: str) -> None:
     """The helper's failure as the OSError it met (`ERRNO MESSAGE`), or as EIO if it said nothing."""
     if status.isdigit():
         raise OSError(int(status), text)
-    raise OSError(errno.EIO, f"the loop helper ({what}) exited with {code} without an answer")
+    raise OSError(errno.EIO, f"the loop helper ({what}) ended without an answer")
 
 
-def _helper(op: str, *args: str, fds: int = 0) -> tuple[str, list[int]]:
-    """Run `op` with `args` in a helper; returns its answer and the `fds` descriptors it
-    passed back (SCM_RIGHTS); its failure is raised as the OSError it met."""
-    with _spawn(op, *args) as (ours, child):
-        message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
-    for fd in received:
-        os.set_inheritable(fd, False)  # SCM_RIGHTS descriptors arrive without close-on-exec
-    status, _, text = message.decode(errors="replace").partition(" ")
-    if status != "ok" or len(received) != fds:
-        for fd in received:
-            os.close(fd)
-        if status == "ok":
-            raise OSError(errno.EIO, f"the loop helper ({op}) passed {len(received)} descriptors, not {fds}")
-        _raise(status, text, f"{op} {' '.join(args)}", child.returncode)
-    return text, received
+# -- the helpers' side: stdlib only ---------------------------------------------------------
 
 
 def _freeze_here(answer: socket.socket, points: Sequence[str]) -> None:
@@ -343,30 +400,56 @@ def _clear_here(*names: str) -> str:
     return "; ".join(failed)
 
 
-def _main(argv: list[str]) -> int:
-    """The helper: `OP FD ARGS...`; answers on the socket FD `ok TEXT` (and descriptors),
-    or `ERRNO MESSAGE`."""
-    op, fd, args = argv[0], int(argv[1]), argv[2:]
-    with socket.socket(fileno=fd) as answer:
-        passed: list[int] = []
-        try:
-            if op == "attach":
-                held = _attach_here(args[0], args[1] == "ro")
-                text, passed = held.path, [held.fd]
-            elif op == "freeze":
-                _freeze_here(answer, args)
-                return 0
-            elif op == "clear":
-                text = _clear_here(*args)
-            else:
-                raise OSError(errno.EINVAL, f"no helper operation {op!r}")
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
-            return 1
-        socket.send_fds(answer, [f"ok {text}".encode()], passed)
-    return 0
+def _help(op: str, answer: socket.socket, args: list[str], fds: list[int]) -> None:
+    """One helper's work: answer `ok TEXT` (and descriptors), or `ERRNO MESSAGE`."""
+    passed: list[int] = []
+    try:
+        if op == "attach":
+            held = _attach_here(args[0], args[1] == "ro")
+            text, passed = held.path, [held.fd]
+        elif op == "freeze":
+            _freeze_here(answer, args)
+            return
+        elif op == "clear":
+            text = _clear_here(*args)
+        elif op == "release":
+            for fd in fds:
+                os.close(fd)
+            text = ""
+        else:
+            raise OSError(errno.EINVAL, f"no helper operation {op!r}")
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
+        return
+    socket.send_fds(answer, [f"ok {text}".encode()], passed)
+
+
+def _serve(requests: socket.socket) -> None:
+    """The fork server: a helper forked per request until end-of-file (the daemon gone)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # helpers are reaped by the kernel
+    while True:
+        message, fds, _, _ = socket.recv_fds(requests, 65536, MAX_PASSED + 1)
+        if not message:
+            for fd in fds:
+                os.close(fd)
+            return
+        if os.fork() == 0:
+            code = 1
+            try:
+                requests.close()
+                op, *args = message.decode().split("\0")
+                with socket.socket(fileno=fds[0]) as answer:
+                    _help(op, answer, args, fds[1:])
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    with socket.socket(fileno=int(sys.argv[1])) as requests:
+        _serve(requests)

@@ -65,6 +65,7 @@ class Snapshotter:
         self._template_lock = threading.Lock()
         self._loops: dict[str, loop.Held] = {}
         self._loops_lock = threading.Lock()
+        self._helpers = loop.Helpers()
         self._drop_unfinished()
 
     def _drop_unfinished(self) -> None:
@@ -197,8 +198,8 @@ class Snapshotter:
                 return held.path
             if held is not None:
                 del self._loops[key]
-                loop.release(held)
-            held = self._loops[key] = loop.attach(path, readonly=readonly)
+                self._helpers.release(held)
+            held = self._loops[key] = self._helpers.attach(path, readonly=readonly)
             return held.path
 
     def _release(self, key: str) -> None:
@@ -206,20 +207,21 @@ class Snapshotter:
         with self._loops_lock:
             held = self._loops.pop(key, None)
         if held is not None:
-            loop.release(held)
+            self._helpers.release(held)
 
     def close(self) -> None:
         """Release every loop device held: those not mounted detach now."""
         with self._loops_lock:
             held, self._loops = list(self._loops.values()), {}
-        loop.release(*held)
+        self._helpers.release(*held)
+        self._helpers.close()
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         """Commit `key` as `name`. If its file system is mounted (through a loop device on
         its file), it is frozen meanwhile, so the committed layer is a clean file system."""
         self._new_key(name)
         self._public(key)
-        with loop.frozen(loop.mount_points(loop.backed_by(self.file(key)))):
+        with self._helpers.frozen(loop.mount_points(loop.backed_by(self.file(key)))):
             self.store.commit(name, key, labels=labels)
         self._release(key)
 

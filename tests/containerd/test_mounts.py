@@ -101,6 +101,7 @@ def test_loop_devices_left_on_our_files_are_cleared(served: Served, tmp_path: Pa
     found = [lo for lo in loop.under(str(served.files)) if lo.name not in held]
     assert [lo.name for lo in found] == [Path(device).name]
     assert loop.mount_points(found) == [str(target)]
-    loop.clear(found)
+    with loop.Helpers() as helpers:
+        helpers.clear(found)
     assert {lo.name for lo in loop.under(str(served.files))} == held
     assert loop.mount_points(found) == []
