@@ -203,6 +203,7 @@ class Store:
         self._closed = False
         self._broken: BaseException | None = None
         self._unsaved: Changes | None = None
+        self._synced_writes = 0
         self.chunk_size: int = settings["chunk_size"]
         self.default_size: int = settings["default_size"]
         module = engines.engine_module(engine)
@@ -831,11 +832,20 @@ class Store:
         (`NoSpace` for a full disk). A failed fsync of the data or a failing database may
         have lost what the engine handed over: the store is then broken (`Unavailable`
         now and for every later call), to be reopened.
+        A step with nothing to make durable (no rows, no changes, no data written since the
+        last step began) syncs nothing: a file system flushing twice in a row costs no fsync.
         Returns the changes made durable.
         """
+        writes = self._engine.writes
         changes = self._engine.take_changes(refcounts)
         if self._unsaved is not None:
             changes = _merged(self._unsaved, changes)
+        elif (
+            rows is None
+            and writes == self._synced_writes
+            and not (changes.pages or changes.dead_pages or changes.maps or changes.freed or refcounts)
+        ):
+            return changes
         try:
             if self._durable:
                 self._engine.flush_data()
@@ -856,6 +866,7 @@ class Store:
                 raise NoSpace(f"{self._where}: no space left to make changes durable ({exc})") from exc
             raise
         self._unsaved = None
+        self._synced_writes = writes
         self._engine.release(changes.freed)
         return changes
 

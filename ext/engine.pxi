@@ -95,6 +95,15 @@ cdef class Engine:
     def page_entries(self):
         return self.st.pe
 
+    @property
+    def writes(self):
+        """Data writes so far: unchanged since a flush began, there is no data to sync."""
+        cdef const pthread_rwlock_t *outer = self.lock_python(SHARED)
+        try:
+            return self.st.writes
+        finally:
+            self.unlock_python(outer)
+
     # -- the lock ------------------------------------------------------------
 
     cdef int lock(self, bint exclusive, Err *err) noexcept nogil:

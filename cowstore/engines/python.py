@@ -102,6 +102,7 @@ class Engine:
         self._dead_pages: list[int] = []
         self._finished = False
         self._closed = False
+        self._writes = 0
 
     @property
     def chunk_size(self) -> int:
@@ -110,6 +111,11 @@ class Engine:
     @property
     def page_entries(self) -> int:
         return self._pe
+
+    @property
+    def writes(self) -> int:
+        """Data writes so far: unchanged since a flush began, there is no data to sync."""
+        return self._writes
 
     # -- loading -------------------------------------------------------------
 
@@ -686,6 +692,8 @@ class Engine:
                     self._pwrite(edge, base + start)
             # The entry claims the new sub-blocks only once their bytes are written.
             self._pwrite(piece, base + within)
+            if bits | self._bits(lo, hi) == bits:
+                return  # no new sub-block: the page is unchanged, nothing to make durable
             bits |= self._bits(lo, hi)
             whole = bits == _FULL_BITS
             page.entries[i] = entry & MAX_SLOT if whole else entry
@@ -757,6 +765,7 @@ class Engine:
                 self._pwrite(part, (slot - 1) * self._cs + k * sub)
 
     def _pwrite(self, data: ReadableBuffer, offset: int) -> None:
+        self._writes += 1
         mv = memoryview(data)
         while len(mv):
             try:

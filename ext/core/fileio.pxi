@@ -117,6 +117,7 @@ cdef void view_forget(State *st, uint64_t off, uint64_t n) noexcept nogil:
 cdef int data_write(State *st, const unsigned char *buf, uint64_t n, uint64_t off, Err *err) noexcept nogil:
     """pwrite into pages no copy into the mapping dirtied; after a failure, reads see the
     file's bytes (view_forget)."""
+    st.writes += 1
     if fd_pwrite_full(st.fd, buf, n, off, err) < 0:
         view_forget(st, off, n)
         return -1
@@ -140,6 +141,7 @@ cdef int data_overwrite(State *st, uint32_t slot, const unsigned char *buf, uint
     (a hole the file system cannot fill on a full disk, or a failing disk) is done again
     by pwrite, which reports which (NoSpace or EIO)."""
     cdef uint64_t inside = 0
+    st.writes += 1
     if not (st.view_writable and slot_is_fresh(st, slot)):
         return data_write(st, buf, n, off, err)
     # The slot's pages may hold copies not written back yet, which a pwrite must not meet

@@ -235,6 +235,8 @@ cdef int chunk_write_in_place(State *st, Map *m, Page *page, uint64_t chunk, uin
             return -1
     if data_overwrite(st, e & FMT_SLOT_MASK, piece, n, base + within, err) < 0:
         return -1
+    if bits | sub_block_bits(st, lo, hi) == bits:
+        return 0
     bits |= sub_block_bits(st, lo, hi)
     if bits == FMT_FULL_BITS:
         ents(page)[i] = e & FMT_SLOT_MASK

@@ -542,6 +542,40 @@ def test_zero_writes_allocate_no_slot(engine):
     assert engine.pread(1, 3 * CS, 0) == bytes(3 * CS)
 
 
+def test_writes_counts_every_write_of_data_and_nothing_else(engine):
+    engine.create_map(1, 2)
+    engine.write(1, bytes(CS), 0)  # zeros into an unallocated chunk: nothing written
+    assert engine.writes == 0
+    engine.write(1, pattern(CS, 1), 0)
+    after_first = engine.writes
+    assert after_first > 0
+    engine.take_changes()
+    engine.write(1, b"abc", 10)  # in place: no map change, but data to sync
+    assert engine.take_changes().pages == []
+    assert engine.writes > after_first
+    before = engine.writes
+    engine.pread(1, 2 * CS, 0)
+    engine.clone_map(2, 1)
+    engine.zero(2, 0, CS)
+    assert engine.writes == before
+
+
+def test_rewriting_sub_blocks_a_partial_chunk_holds_changes_no_page(engine):
+    engine.create_map(1, 2)
+    engine.write(1, pattern(2 * CS, 1), 0)
+    engine.clone_map(2, 1, child=True)
+    engine.write(2, b"abc", 10)  # copy-up of one sub-block: a partial chunk
+    first = engine.take_changes()
+    assert first.pages
+    engine.write(2, b"xyz", 20)  # the same sub-block: its bytes change, the page does not
+    assert engine.take_changes().pages == []
+    engine.write(2, b"!", CS // 2)  # a new sub-block: the page changes
+    assert engine.take_changes().pages
+    expected = bytearray(pattern(CS, 1))
+    expected[10:13], expected[20:23], expected[CS // 2] = b"abc", b"xyz", ord("!")
+    assert engine.pread(2, CS, 0) == expected
+
+
 def test_exclusive_chunk_is_written_in_place_and_shared_chunk_is_copied(engine):
     engine.create_map(1, 2)
     engine.write(1, pattern(2 * CS, 1), 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -59,6 +60,32 @@ def test_each_engine_reads_a_store_the_other_wrote(engine, other, tmp_path):
         s.commit("top", "ctr")
     with cowstore.open(tmp_path / "s", engine=engine) as s:
         assert s.view("w", "top").pread(5, 0) == b"again"
+
+
+def test_a_flush_syncs_only_when_something_was_written_since_the_last(disk_store, monkeypatch):
+    s = disk_store()
+    v = s.prepare("a")
+    v.pwrite(b"x" * CHUNK, 0)
+    real, syncs = s._engine, []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def flush_data(self):
+            syncs.append(real.writes)
+            real.flush_data()
+
+    monkeypatch.setattr(s, "_engine", Counting())
+    s.flush()
+    s.flush()
+    assert len(syncs) == 1
+    v.pwrite(b"y" * 10, 5)  # into the snapshot's own chunk: no map change, data to sync
+    s.flush()
+    s.flush()
+    assert len(syncs) == 2
+    s.update(dataclasses.replace(s.stat("a"), labels={"k": "v"}))  # a changed row is always committed
+    assert len(syncs) == 3
 
 
 def test_flushed_writes_survive_a_crash_and_unflushed_ones_never_corrupt(disk_store, tmp_path):

@@ -190,6 +190,7 @@ cdef struct State:
     bint running            # finish_load called, or slot refcounts touched
     bint verify             # reads check the sums of chunks that have one
     bint closed             # close() ran: no more I/O, the mapping is gone
+    uint64_t writes         # data writes so far (data_write, data_overwrite): flush skips when unchanged
 
 
 
