@@ -8,7 +8,7 @@ it), where every snapshot is a file that containerd mounts through a loop device
 Modules: `api` (the `.proto` files and the code generated from them), `service` (the
 gRPC servicer: messages and error codes), `snapshotter` (the policy: ext4 templates,
 freezing at commit, mounts), `ext4` (formatting) and `loop` (loop devices, mounts, freezes:
-the kernel side, done by helper processes so that the daemon never waits on its own FUSE files).
+the kernel side, done by a helper process so that the daemon never waits on its own FUSE files).
 Needs the optional dependencies: `pip install cowstore[containerd]`.
 """
 

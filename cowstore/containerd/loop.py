@@ -1,5 +1,5 @@
-"""Loop devices and mounts of snapshot files: the kernel side of a snapshot, done from a child
-process so that the daemon never waits on its own FUSE files.
+"""Loop devices and mounts of snapshot files: the kernel side of a snapshot, done from a
+helper process so that the daemon never waits on its own FUSE files.
 
 The rule: the daemon serves the FUSE mount whose files back the loop devices, so no thread of
 it may make a syscall that the kernel answers by asking that FUSE mount (opening or statting a
@@ -7,11 +7,10 @@ snapshot file, LOOP_CONFIGURE, which statfs-es the file, FIFREEZE/FITHAW of a fi
 such a loop device, the last close of the device). Killed (SIGKILL) while such a request is
 out, the waiting thread is uninterruptible and the daemon's /dev/fuse descriptor, whose release
 would abort the connection, goes only once that thread exits: a zombie that never dies. So
-each such call runs in a short-lived helper process (`Helpers`: forked by a small fork
-server, this file run as a script); a helper stuck on FUSE is freed by the connection abort
-when the daemon dies. The daemon only reads sysfs and mountinfo, and holds the loop device's
-descriptor (a block device: holding it asks FUSE nothing; its last close is done by a
-helper, `release`).
+each such call runs in a helper process (`Helpers`: this file run as a script); a call
+stuck on FUSE there is freed by the connection abort when the daemon dies. The daemon only
+reads sysfs and mountinfo, and holds the loop device's descriptor (a block device: holding
+it asks FUSE nothing; its last close is done by the helper, `release`).
 
 The snapshotter attaches one loop device to a snapshot's FUSE file (`attach`: autoclear,
 held open read-only by the daemon) and hands containerd the device, which mounts the ext4
@@ -31,7 +30,6 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -122,7 +120,7 @@ def _configure(device: int, backing: int, flags: int, name: str) -> None:
 
 
 def _attach_here(path: str, readonly: bool) -> Held:
-    """`attach`, in the helper: the device is held open read-only by this process."""
+    """`attach`, in the helper: the device, and a descriptor holding it open read-only."""
     flags = LO_FLAGS_AUTOCLEAR | (LO_FLAGS_READ_ONLY if readonly else 0)
     backing = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
     try:
@@ -200,13 +198,14 @@ MAX_PASSED = 200
 
 
 class Helpers:
-    """Short-lived helper processes for the calls that may ask our FUSE mount, each forked
-    by one long-lived process (this file run as a script, stdlib only) that never makes such
-    a call itself: a fork costs a millisecond where starting Python costs tens.
+    """The helper process, for the calls that may ask our FUSE mount: this file run as a
+    script (stdlib only), one thread per call. Started once, it costs a tenth of a
+    millisecond a call, where starting Python costs tens.
 
-    Each call sends the fork server a request (`OP\\0ARG...`, with one end of a fresh socket
-    pair and any descriptors the helper needs); the helper answers on that socket and its
-    exit closes it. The server exits when this object closes, or this process dies.
+    Each call sends the helper process a request (`OP\\0ARG...`, with one end of a fresh
+    socket pair and any descriptors the call needs); its thread answers on that socket and
+    closes it when done. The process exits when this object closes, or this process dies:
+    a thread of it stuck on our FUSE mount is then freed by the connection abort.
     """
 
     def __init__(self) -> None:
@@ -221,7 +220,7 @@ class Helpers:
         self.close()
 
     def close(self) -> None:
-        """Stop the fork server (helpers at work finish on their own)."""
+        """Stop the helper process once its calls are done."""
         with self._lock:
             server, requests = self._server, self._requests
             self._server = self._requests = None
@@ -242,7 +241,7 @@ class Helpers:
         return ours
 
     def _send(self, request: bytes, fds: list[int]) -> None:
-        """Hand a request to the fork server, starting it (again, if it died) first."""
+        """Hand a request to the helper process, starting it (again, if it died) first."""
         for attempt in (1, 2):
             with self._lock:
                 requests = self._requests or self._start()
@@ -259,8 +258,9 @@ class Helpers:
 
     @contextlib.contextmanager
     def _spawn(self, op: str, *args: str, fds: Sequence[int] = ()) -> Iterator[socket.socket]:
-        """A helper running `op` with `args` (and `fds`), and our end of its socket; on leaving,
-        our end is shut for writing (the helper's end-of-file) and the helper's exit awaited."""
+        """The helper running `op` with `args` (and `fds`), and our end of the call's socket;
+        on leaving, our end is shut for writing (the call's end-of-file) and the call's end
+        (its closing the other end) awaited."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours:
             with theirs:
@@ -401,7 +401,8 @@ def _clear_here(*names: str) -> str:
 
 
 def _help(op: str, answer: socket.socket, args: list[str], fds: list[int]) -> None:
-    """One helper's work: answer `ok TEXT` (and descriptors), or `ERRNO MESSAGE`."""
+    """One helper's work: answer `ok TEXT` (and descriptors), or `ERRNO MESSAGE`. The
+    descriptors handed over (`fds`) and passed back are closed here once done with."""
     passed: list[int] = []
     try:
         if op == "attach":
@@ -413,41 +414,36 @@ def _help(op: str, answer: socket.socket, args: list[str], fds: list[int]) -> No
         elif op == "clear":
             text = _clear_here(*args)
         elif op == "release":
-            for fd in fds:
-                os.close(fd)
-            text = ""
+            text = ""  # the `finally` below closes them: the point of the request
         else:
             raise OSError(errno.EINVAL, f"no helper operation {op!r}")
+        socket.send_fds(answer, [f"ok {text}".encode()], passed)
     except OSError as exc:
         with contextlib.suppress(OSError):
             answer.send(f"{exc.errno or errno.EIO} {exc.strerror or exc}".encode())
-        return
-    socket.send_fds(answer, [f"ok {text}".encode()], passed)
+    finally:
+        for fd in fds + passed:
+            os.close(fd)
+
+
+def _helper_thread(message: bytes, fds: list[int]) -> None:
+    try:
+        op, *args = message.decode().split("\0")
+        with socket.socket(fileno=fds[0]) as answer:
+            _help(op, answer, args, fds[1:])
+    except BaseException:
+        traceback.print_exc()
 
 
 def _serve(requests: socket.socket) -> None:
-    """The fork server: a helper forked per request until end-of-file (the daemon gone)."""
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # helpers are reaped by the kernel
+    """The helper process: a thread per request until end-of-file (the daemon gone)."""
     while True:
         message, fds, _, _ = socket.recv_fds(requests, 65536, MAX_PASSED + 1)
         if not message:
             for fd in fds:
                 os.close(fd)
             return
-        if os.fork() == 0:
-            code = 1
-            try:
-                requests.close()
-                op, *args = message.decode().split("\0")
-                with socket.socket(fileno=fds[0]) as answer:
-                    _help(op, answer, args, fds[1:])
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        for fd in fds:
-            os.close(fd)
+        threading.Thread(target=_helper_thread, args=(message, fds), daemon=True).start()
 
 
 if __name__ == "__main__":
