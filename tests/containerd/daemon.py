@@ -304,8 +304,7 @@ def cleanup(workdir: Path, address: Path, namespace: str) -> list[str]:
     for dev in loops_under(workdir):
         forced.append(f"loop {dev}")
         subprocess.run(["losetup", "--detach", dev], capture_output=True, timeout=60)
-    cgroup = CGROUP_ROOT / namespace
-    if cgroup.is_dir():
+    for cgroup in namespace_cgroups(namespace):
         for child in sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             forced.append(f"cgroup {child}")
             with contextlib.suppress(OSError):
@@ -313,6 +312,15 @@ def cleanup(workdir: Path, address: Path, namespace: str) -> list[str]:
         with contextlib.suppress(OSError):
             cgroup.rmdir()
     return forced
+
+
+def namespace_cgroups(namespace: str) -> list[Path]:
+    """The cgroups runc made for `namespace`'s containers: one directory in the unified
+    hierarchy (cgroup v2), or one per controller hierarchy (v1, `/sys/fs/cgroup/memory/NS`)."""
+    hierarchies = [CGROUP_ROOT]
+    with contextlib.suppress(OSError):
+        hierarchies += [p for p in CGROUP_ROOT.iterdir() if p.is_dir() and not p.is_symlink()]
+    return [h / namespace for h in hierarchies if (h / namespace).is_dir()]
 
 
 @contextlib.contextmanager

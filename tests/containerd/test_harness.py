@@ -65,6 +65,7 @@ def ctrd(snapshotter: str, small: images.Image) -> Iterator[daemon.Containerd]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     assert not c.leftovers, f"had to force away: {c.leftovers}"
+    assert daemon.namespace_cgroups(c.namespace) == []
 
 
 @pytest.fixture
