@@ -220,7 +220,7 @@ class Helpers:
         self.close()
 
     def close(self) -> None:
-        """Stop the helper process once its calls are done."""
+        """Stop the helper process, once its calls are done."""
         with self._lock:
             server, requests = self._server, self._requests
             self._server = self._requests = None
@@ -298,15 +298,22 @@ class Helpers:
         device, fds = self._call("attach", path, "ro" if readonly else "rw", fds=1)
         return Held(device, fds[0])
 
-    def release(self, *held: Held) -> None:
-        """Stop holding the devices: each detaches now, or when its last mount goes. A helper
-        is handed them and closes them last: a last close flushes and detaches the device."""
+    def release(self, *held: Held, wait: bool = True) -> None:
+        """Stop holding the devices: each detaches now, or when its last mount goes. The
+        helper is handed them and closes them last: a last close flushes and detaches the
+        device. Without `wait`, this returns once the helper has them (`close` waits)."""
         if not held:
             return
         fds = [h.fd for h in held]
         try:
             for first in range(0, len(fds), MAX_PASSED):
-                self._call("release", passing=fds[first : first + MAX_PASSED])
+                batch = fds[first : first + MAX_PASSED]
+                if wait:
+                    self._call("release", passing=batch)
+                else:
+                    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    with ours, theirs:  # nobody reads the answer
+                        self._send(b"release", [theirs.fileno(), *batch])
         finally:
             for fd in fds:
                 os.close(fd)
@@ -443,7 +450,8 @@ def _serve(requests: socket.socket) -> None:
             for fd in fds:
                 os.close(fd)
             return
-        threading.Thread(target=_helper_thread, args=(message, fds), daemon=True).start()
+        # Not daemon threads: the process exits once every call is done (`Helpers.close`).
+        threading.Thread(target=_helper_thread, args=(message, fds)).start()
 
 
 if __name__ == "__main__":

@@ -203,11 +203,12 @@ class Snapshotter:
             return held.path
 
     def _release(self, key: str) -> None:
-        """Stop holding `key`'s loop device (it detaches once nothing mounts it)."""
+        """Stop holding `key`'s loop device (it detaches once nothing mounts it), without
+        waiting for the detach: a Remove is on the way of containerd's next Prepare."""
         with self._loops_lock:
             held = self._loops.pop(key, None)
         if held is not None:
-            self._helpers.release(held)
+            self._helpers.release(held, wait=False)
 
     def close(self) -> None:
         """Release every loop device held: those not mounted detach now."""

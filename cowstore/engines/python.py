@@ -355,7 +355,8 @@ class Engine:
             self._closed = True
 
     def flush_data(self) -> None:
-        os.fsync(self._fd)
+        """The data file's bytes and what reading them needs (size, extents), not its times."""
+        os.fdatasync(self._fd)
 
     # -- introspection -------------------------------------------------------
 

@@ -167,9 +167,10 @@ cdef void data_close(State *st) noexcept nogil:
 
 
 cdef int data_sync(int fd, Err *err) noexcept nogil:
-    cdef int rc = fsync(fd)
+    """The file's bytes and what reading them needs (size, extents), not its times."""
+    cdef int rc = fdatasync(fd)
     while rc < 0 and errno == EINTR:
-        rc = fsync(fd)
+        rc = fdatasync(fd)
     if rc < 0:
         err.kind = E_OS
         err.errnum = errno

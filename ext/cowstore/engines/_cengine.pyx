@@ -21,7 +21,7 @@ array. Chunk sums are zlib's CRC-32, computed here in C (slice-by-8).
 
 One rwlock guards the state: reads take it shared, everything that changes metadata takes
 it exclusive. The lock is only ever waited for without the GIL (a try-lock may be taken
-with it), and system calls (pread, pwrite, fsync, ftruncate) always run without it.
+with it), and system calls (pread, pwrite, fdatasync, ftruncate) always run without it.
 
 Reads copy from a shared mapping of the data file (no system call per read). Writes that
 allocate stay pwrite, so a full disk is an error, not a fault. Overwrites in place of
@@ -54,7 +54,7 @@ from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
-from posix.unistd cimport fsync, ftruncate, pread, pwrite
+from posix.unistd cimport fdatasync, ftruncate, pread, pwrite
 
 
 cdef extern from "<sys/mman.h>" nogil:
