@@ -871,6 +871,8 @@ class Store:
         return changes
 
     def _commit(self, changes: Changes, rows: Callable[[sqlite3.Connection], object] | None) -> None:
+        if rows is None and not (changes.pages or changes.dead_pages or changes.maps):
+            return  # data only: no transaction to write
         with self._meta.transaction() as db:
             if rows is not None:
                 rows(db)
