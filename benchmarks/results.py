@@ -341,6 +341,7 @@ def _containerd_targets(doc: dict[str, Any]) -> list[Target]:
         found = [(case, r) for case, r in found if r is not None]
         met = all(r <= bound if sign == "≤" else r >= bound for _, r in found) if found else None
         out.append(Target(goal, ", ".join(f"{case} {r:.2f}x" for case, r in found) or "not run", met))
+    out.append(_run_by_size_target(section))
     cfg = (section.get("meta") or {}).get("config") or {}
     written = (cfg.get("containers") or 0) * (cfg.get("write_mib") or 0) * 2**20
     growth = next((c for c in cases if c["case"] == "disk growth"), None)
@@ -355,6 +356,38 @@ def _containerd_targets(doc: dict[str, Any]) -> list[Target]:
             text += f"; native {native / 2**20:.0f} MiB"
         out.append(Target(goal, text, used <= 1.5 * written))
     return out
+
+
+RUN_BY_SIZE_BOUND = 1.2
+"""`ctr run` on the largest image over the smallest, for cowstore: the start must not grow
+with the image (native's copies it whole)."""
+
+
+def _run_by_size_target(section: dict[str, Any]) -> Target:
+    goal = f"containerd, run on the largest image / the smallest: cowstore ≤ {RUN_BY_SIZE_BOUND:g}x"
+    sizes = {ref: info.get("bytes", 0) for ref, info in (section.get("images") or {}).items()}
+    runs = {
+        ref: (c.get("median") or {})
+        for c in section.get("cases") or []
+        for ref in sizes
+        if c["case"] == f"run /bin/true {ref}"
+    }
+    if len(runs) < 2:
+        return Target(goal, "not run", None)
+    small, big = min(runs, key=sizes.__getitem__), max(runs, key=sizes.__getitem__)
+
+    def ratio(who: str) -> float | None:
+        a, b = runs[small].get(who), runs[big].get(who)
+        return b / a if a and b else None
+
+    mine = ratio("cowstore")
+    if mine is None:
+        return Target(goal, "not run", None)
+    text = f"{runs[big]['cowstore'] * 1e3:.0f} vs {runs[small]['cowstore'] * 1e3:.0f} ms ({mine:.2f}x)"
+    native = ratio("native")
+    if native is not None:
+        text += f"; native {native:.2f}x"
+    return Target(goal, text, mine <= RUN_BY_SIZE_BOUND)
 
 
 def targets(doc: dict[str, Any]) -> list[Target]:

@@ -35,3 +35,18 @@ def test_containerd_table_gives_each_contender_a_column_and_a_ratio_to_overlayfs
     lines = results.containerd_lines(section)
     assert "| case | overlayfs | native | native / overlayfs |" in lines
     assert "| run /bin/true (lower is better) | 200 ms | 400 ms | 2.00x |" in lines
+
+
+def test_the_run_target_compares_the_largest_image_with_the_smallest():
+    cases = [
+        vs_containerd._case(
+            f"run /bin/true {ref}", "s", "lower", {"overlayfs": [0.1], "native": [n], "cowstore": [c]}
+        )
+        for ref, n, c in (("small", 0.2, 0.12), ("big", 1.0, 0.15))
+    ]
+    section = {"cases": cases, "images": {"small": {"bytes": 1}, "big": {"bytes": 10}}}
+    target = results._run_by_size_target(section)
+    assert target.measured == "150 vs 120 ms (1.25x); native 5.00x"
+    assert target.met is False
+    cases[1]["median"]["cowstore"] = 0.13
+    assert results._run_by_size_target(section).met is True

@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from tests.containerd.conftest import Served
 from tests.containerd.test_service import call, fails
 
 grpc = pytest.importorskip("grpc")
+
+DISCARD_TIMEOUT = 10.0
+"""Seconds ext4 may take to discard blocks a committed transaction freed (it does so after
+the commit, in the background)."""
 
 
 @contextlib.contextmanager
@@ -52,6 +57,25 @@ def test_commit_while_mounted_freezes_a_clean_layer(served: Served, tmp_path: Pa
         with pytest.raises(OSError):
             (root / "new").write_text("x")
     call(served, "Remove", key="view")
+
+
+def test_files_deleted_in_a_mounted_snapshot_give_their_chunks_back_at_once(
+    served: Served, tmp_path: Path
+) -> None:
+    (m,) = call(served, "Prepare", key="layer").mounts
+    with mounted(m, tmp_path / "rw") as root:
+        base = served.store.usage("layer").size
+        (root / "big").write_bytes(os.urandom(32 << 20))
+        os.sync()
+        written = served.store.usage("layer").size
+        assert written >= base + (32 << 20)
+        (root / "big").unlink()
+        os.sync()  # commits the freeing; ext4 discards the blocks just after
+        deadline = time.monotonic() + DISCARD_TIMEOUT
+        while served.store.usage("layer").size > base + (1 << 20) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert served.store.usage("layer").size <= base + (1 << 20)
+    call(served, "Remove", key="layer")
 
 
 def test_a_child_prepared_larger_than_its_parent_mounts_with_the_bigger_file_system(
