@@ -41,7 +41,10 @@ APPLETS = (
     "sleep", "stat", "sync", "test", "true", "wc", "xargs",
 )  # fmt: skip
 TOOLS = ("umoci", "tar")
-FORMAT = 1
+MOUNTPOINTS = ("dev", "proc", "run", "sys")
+"""Empty directories a runtime mounts over, as base images ship them (runc makes any that are
+missing, in the container's own layer)."""
+FORMAT = 3
 """Bumped when the images change, so cached archives of an older recipe are not reused."""
 MTIME = 1_700_000_000
 TAG = "latest"
@@ -251,6 +254,8 @@ def _small_layers(rootfs: Path) -> Iterator[str]:
     (rootfs / "root").mkdir(mode=0o700)
     (rootfs / "tmp").mkdir(mode=0o1777)
     (rootfs / "tmp").chmod(0o1777)
+    for mountpoint in MOUNTPOINTS:
+        (rootfs / mountpoint).mkdir(mode=0o755)
     _write(rootfs / "data/base.txt", "from the base layer\n")
     _write(rootfs / "data/doomed.txt", "deleted by layer 3\n")
     _write(rootfs / "data/doomed-dir/one.txt", "deleted with its directory by layer 3\n")
@@ -419,6 +424,8 @@ def _bench_layer(spec: BenchSpec, n: int, tar: tarfile.TarFile, tree: Tree, nois
         _add(tar, tree, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         _add(tar, tree, "etc/group", b"root:x:0:\n")
         _add(tar, tree, "tmp")
+        for mountpoint in MOUNTPOINTS:
+            _add(tar, tree, mountpoint)
     small_bytes = int(budget * spec.small_share)
     rng = random.Random(spec.seed * 1000 + n)
     written, i = 0, 0

@@ -58,7 +58,7 @@ def names(served: Served, *filters: str) -> list[str]:
 def test_prepare_mounts_an_empty_ext4_of_a_hidden_template(served: Served) -> None:
     reply = call(served, "Prepare", key="ns/1/extract 1 sha256:ab", labels={"a": "b"})
     (m,) = reply.mounts
-    assert (m.type, list(m.options)) == ("ext4", ["rw", "discard"])
+    assert (m.type, list(m.options)) == ("ext4", ["rw", "noatime", "discard"])
     # The source: a loop device the snapshotter holds on the snapshot's file.
     assert served.backing(m.source) == served.file("ns/1/extract 1 sha256:ab")
     assert os.path.getsize(served.file("ns/1/extract 1 sha256:ab")) == SIZE
@@ -116,7 +116,7 @@ def test_view_and_child_mounts(served: Served) -> None:
     assert served.backing(m.source) == served.file("v")
     assert list(call(served, "Mounts", key="v").mounts[0].options) == ["ro", "noload"]
     (m,) = call(served, "Prepare", key="p", parent="c").mounts
-    assert list(m.options) == ["rw", "discard"]
+    assert list(m.options) == ["rw", "noatime", "discard"]
     assert call(served, "Stat", key="p").info.parent == "c"
     assert call(served, "Stat", key="v").info.kind == pb.VIEW
     (m,) = call(served, "View", key="empty").mounts  # a view of nothing: an empty file system
