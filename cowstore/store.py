@@ -832,8 +832,8 @@ class Store:
         (`NoSpace` for a full disk). A failed fsync of the data or a failing database may
         have lost what the engine handed over: the store is then broken (`Unavailable`
         now and for every later call), to be reopened.
-        A step with nothing to make durable (no rows, no changes, no data written since the
-        last step began) syncs nothing: a file system flushing twice in a row costs no fsync.
+        Data written since the last step began is synced first; a step with no rows and no
+        changes either syncs nothing: a file system flushing twice in a row costs no fsync.
         Returns the changes made durable.
         """
         writes = self._engine.writes
@@ -847,7 +847,7 @@ class Store:
         ):
             return changes
         try:
-            if self._durable:
+            if self._durable and writes != self._synced_writes:
                 self._engine.flush_data()
             try:
                 self._commit(changes, rows)

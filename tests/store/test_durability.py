@@ -84,7 +84,10 @@ def test_a_flush_syncs_only_when_something_was_written_since_the_last(disk_store
     s.flush()
     s.flush()
     assert len(syncs) == 2
-    s.update(dataclasses.replace(s.stat("a"), labels={"k": "v"}))  # a changed row is always committed
+    s.update(dataclasses.replace(s.stat("a"), labels={"k": "v"}))  # a row with no data to sync
+    assert len(syncs) == 2
+    v.pwrite(b"z", 7)
+    s.update(dataclasses.replace(s.stat("a"), labels={"k": "w"}))  # the data goes before the row
     assert len(syncs) == 3
 
 
