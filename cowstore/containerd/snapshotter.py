@@ -181,9 +181,10 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         """How to mount `key`: the loop device on its file, read-write or read-only.
         `noatime`: a read in a container writes nothing (every inode block an atime touches
-        would be copied up and made durable at the next flush); `discard` gives the pool the chunks of files deleted in a container at once (ext4
-        discards freed blocks through the loop device, which punches them out of the file);
-        `noload` lets a committed file system mount read-only without a journal replay."""
+        would be copied up and made durable at the next flush); `discard` gives the pool the
+        chunks of files deleted in a container at once (ext4 discards freed blocks through
+        the loop device, which punches them out of the file); `noload` lets a committed file
+        system mount read-only without a journal replay."""
         info = self.store.stat(self._public(key))
         if info.kind is Kind.COMMITTED:
             raise FailedPrecondition(f"snapshot {key!r} is committed: prepare or view a child to mount it")

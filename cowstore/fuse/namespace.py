@@ -160,11 +160,13 @@ class Namespace:
         )
 
     def _allocated(self, s: _Snapshot) -> int:
+        """Bytes of the chunks the snapshot's map names (its own and those it shares), as
+        SEEK_DATA finds them: a count over the map's pages, not a walk of its chunks."""
         try:
-            extents = self.store._extents(s, 0, s.size)
+            chunks = self.store._engine.exclusive_chunks(s.id, None)
         except (KeyError, errors.Error):
             return 0
-        return sum(e.length for e in extents if e.allocated)
+        return min(chunks * self.store.chunk_size, s.size)
 
     def setattr(
         self,
