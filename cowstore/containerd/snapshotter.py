@@ -39,6 +39,11 @@ INTERNAL = "cowstore.containerd/"
 """Prefix of the snapshots this module keeps for itself."""
 SIZE_LABEL = "containerd.io/snapshot/cowstore.size"
 """Label that sets a new snapshot's size (bytes, or with a binary suffix: 20G)."""
+CLEANUP_SLACK = 256 << 20
+"""Bytes the data file may hold beyond the chunks in use before Cleanup gives them back to
+the disk. Containers that come and go then reuse blocks already written: a chunk written
+into a punched hole costs the host file system an allocation, and the flush after it a
+journal commit."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,9 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """Remove templates without children (so an empty containerd leaves an empty store),
-        then give free space back to the host file system."""
+        then give free space back to the host file system once there is more than
+        `CLEANUP_SLACK` of it (containerd calls Cleanup after every collection)."""
         self._drop_unused_templates()
-        self.store.compact()
+        stats = self.store.stats()
+        if stats.disk_bytes - stats.used * stats.chunk_size > CLEANUP_SLACK:
+            self.store.compact()

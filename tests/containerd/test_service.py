@@ -230,6 +230,31 @@ def test_usage_and_cleanup(served: Served) -> None:
     call(served, "Cleanup")
 
 
+def test_cleanup_gives_space_back_to_the_disk_only_past_the_slack(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cowstore.containerd import snapshotter
+
+    monkeypatch.setattr(snapshotter, "CLEANUP_SLACK", 8 << 20)
+    call(served, "Prepare", key="a")
+    with open(served.file("a"), "r+b") as f:
+        f.write(os.urandom(4 << 20))
+        os.fsync(f.fileno())
+    call(served, "Remove", key="a")
+    call(served, "Cleanup")
+    stats = served.store.stats()
+    held = stats.disk_bytes - stats.used * stats.chunk_size
+    assert held >= 4 << 20, "4 MiB freed is within the slack: kept for the next containers"
+    call(served, "Prepare", key="b")
+    with open(served.file("b"), "r+b") as f:
+        f.write(os.urandom(16 << 20))
+        os.fsync(f.fileno())
+    call(served, "Remove", key="b")
+    call(served, "Cleanup")
+    stats = served.store.stats()
+    assert stats.disk_bytes - stats.used * stats.chunk_size < 4 << 20
+
+
 def test_cleanup_removes_templates_without_children_and_keeps_used_ones(served: Served) -> None:
     label = "containerd.io/snapshot/cowstore.size"
     call(served, "Prepare", key="a")
