@@ -532,6 +532,19 @@ def _cmd_df(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("compact", "give free space back to the disk: trim the pool's free tail, punch free chunks")
+def _cmd_compact(args: argparse.Namespace) -> int:
+    with _open_store(args) as store:
+        freed = store.compact()
+        disk = store.stats().disk_bytes
+    if args.json:
+        _emit_json({"freed_bytes": freed, "disk_bytes": disk})
+    else:
+        print(f"freed:          {format_size(freed)} ({freed} bytes)")
+        print(f"data file:      {format_size(disk)} on disk")
+    return 0
+
+
 @command("tree", "the snapshot tree with kind, size and exclusive usage")
 def _cmd_tree(args: argparse.Namespace) -> int:
     """Parents before children. Chains are as deep as 1024 layers, so nothing here recurses

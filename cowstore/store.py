@@ -666,12 +666,15 @@ class Store:
             return self.check()
 
     def compact(self) -> int:
-        """Give free space back: truncate the pool's free tail, punch holes for free slots.
+        """Give free space back: truncate the pool's free tail, punch holes for free slots
+        (slots freed since the last durable step are made free first).
 
         Returns the bytes of the data file's apparent size that are now holes or gone.
         """
         with self._lock:
             self._check_writable()
+            if self._engine.stats()["pending"]:
+                self._persist(None)
             before = os.fstat(self._data_fd).st_size
             slots = self._engine.trim_free_tail()
             freed = before - os.fstat(self._data_fd).st_size

@@ -152,9 +152,28 @@ SCRIPT: list[list[str]] = [
     ["--read-only", "prepare", "z"],
     ["stat"],
     ["check", "--repair"],
+    ["compact"],
     ["tree"],
     ["--json", "df"],
 ]
+
+
+def test_compact_in_the_daemon_gives_removed_chunks_back_to_the_disk(world: World) -> None:
+    """Closing a store compacts it; a daemon keeps it open, so `compact` is how its free
+    chunks go back to the disk."""
+    daemon = Daemon(world)
+    try:
+        assert world.cli("import", "img", "imp").code == 0
+        assert world.cli("rm", "imp").code == 0
+        before = os.stat(world.store / "data").st_blocks * 512
+        r = world.cli("--json", "compact")
+        assert r.code == 0, r.err
+        after = os.stat(world.store / "data").st_blocks * 512
+        assert json.loads(r.out) == {"freed_bytes": json.loads(r.out)["freed_bytes"], "disk_bytes": after}
+        assert json.loads(r.out)["freed_bytes"] >= 2 * CHUNK and after < before
+        assert world.cli("compact").out.startswith(b"freed:          0 B")
+    finally:
+        daemon.stop()
 
 
 def play(world: World) -> list[tuple[list[str], int, bytes, bytes]]:
