@@ -199,8 +199,8 @@ MAX_PASSED = 200
 
 class Helpers:
     """The helper process, for the calls that may ask our FUSE mount: this file run as a
-    script (stdlib only), one thread per call. Started once, it costs a tenth of a
-    millisecond a call, where starting Python costs tens.
+    script (stdlib only), one thread per call. Started once, it costs about a millisecond
+    a call, where starting Python for each cost fifty.
 
     Each call sends the helper process a request (`OP\\0ARG...`, with one end of a fresh
     socket pair and any descriptors the call needs); its thread answers on that socket and
@@ -257,7 +257,7 @@ class Helpers:
                         self._server.wait(HELPER_TIMEOUT)
 
     @contextlib.contextmanager
-    def _spawn(self, op: str, *args: str, fds: Sequence[int] = ()) -> Iterator[socket.socket]:
+    def _exchange(self, op: str, *args: str, fds: Sequence[int] = ()) -> Iterator[socket.socket]:
         """The helper running `op` with `args` (and `fds`), and our end of the call's socket;
         on leaving, our end is shut for writing (the call's end-of-file) and the call's end
         (its closing the other end) awaited."""
@@ -278,7 +278,7 @@ class Helpers:
         """Run `op` with `args` in a helper, handing it `passing`; returns its answer and the
         `fds` descriptors it passed back (SCM_RIGHTS); its failure is raised as the OSError
         it met."""
-        with self._spawn(op, *args, fds=passing) as ours:
+        with self._exchange(op, *args, fds=passing) as ours:
             message, received, _, _ = socket.recv_fds(ours, 65536, max(fds, 1))
         for fd in received:
             os.set_inheritable(fd, False)  # SCM_RIGHTS descriptors arrive without close-on-exec
@@ -328,7 +328,7 @@ class Helpers:
         if not points:
             yield
             return
-        with self._spawn("freeze", *points) as ours:
+        with self._exchange("freeze", *points) as ours:
             message = ours.recv(65536)
             status, _, text = message.decode(errors="replace").partition(" ")
             if status != "ok":
