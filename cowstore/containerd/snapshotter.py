@@ -213,7 +213,7 @@ class Snapshotter:
 
     def _release(self, key: str) -> None:
         """Stop holding `key`'s loop device (it detaches once nothing mounts it), without
-        waiting for the detach: a Remove is on the way of containerd's next Prepare."""
+        waiting for the detach: a Remove is in the way of containerd's next Prepare."""
         with self._loops_lock:
             held = self._loops.pop(key, None)
         if held is not None:
