@@ -152,6 +152,7 @@ def test_micro_section_renders_and_targets_are_judged(tmp_path):
         "containerd,import:": None,
         "containerd,run:": None,
         "containerd,cold": None,
+        "containerd,run": None,
         "containerd,disk": None,
         "inprocess": None,
         "readthroughput": True,
