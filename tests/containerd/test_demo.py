@@ -31,6 +31,7 @@ def test_make_demo_goes_through_containerd_and_leaves_an_empty_store():
     assert "container db: wrote 24 MiB into its own layer; sees /db.bin ok" in out
     assert "Every image layer is byte-identical" in out
     assert "0 snapshots left" in out
+    assert "0 B after `cowstore compact`" in out
 
 
 def test_the_in_process_demo_runs_and_checks_itself():
